@@ -1,0 +1,109 @@
+"""Building blocks of the IDDPM UNet: float32 GroupNorm, zero-initialised layers, the
+sinusoidal timestep embedding and the reference's multi-head QKV attention layout."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+GROUPS = 32  # the reference normalises every activation with 32 groups
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and cast back to the input's dtype (reference).
+
+    The affine parameters are upcast too, so this stays float32 inside even when
+    DeepSpeed has cast the whole module (norm parameters included) to bf16/fp16.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        out = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
+        return out.to(x.dtype)
+
+
+def normalization(channels: int) -> GroupNorm32:
+    """The reference's normalisation layer: GroupNorm32 with 32 groups."""
+    if channels % GROUPS:
+        raise ValueError(f"GroupNorm with {GROUPS} groups needs a channel count divisible "
+                         f"by {GROUPS}, got {channels}")
+    return GroupNorm32(GROUPS, channels)
+
+
+def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
+    """A 1-, 2- or 3-D convolution."""
+    convs = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+    if dims not in convs:
+        raise ValueError(f"unsupported dims: {dims} (1, 2 or 3)")
+    return convs[dims](*args, **kwargs)
+
+
+def avg_pool_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
+    """A 1-, 2- or 3-D average pooling."""
+    pools = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+    if dims not in pools:
+        raise ValueError(f"unsupported dims: {dims} (1, 2 or 3)")
+    return pools[dims](*args, **kwargs)
+
+
+def linear(*args: Any, **kwargs: Any) -> nn.Linear:
+    return nn.Linear(*args, **kwargs)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter: residual branches and the output start as the identity/zero."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+    return module
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [N, dim] (float32) of (possibly fractional) timesteps [N].
+
+    Frequencies exp(-ln(max_period) * i / half) for i < half = dim // 2; the embedding
+    is concat[cos(t * freqs), sin(t * freqs)], zero-padded by one column for odd dim.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period)
+                      * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]  # [N, half]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [N, 2 * half]
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)  # [N, dim]
+    return emb
+
+
+def qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Multi-head self-attention over the reference's qkv layout.
+
+    qkv: [B, heads * 3 * ch, L]. The reference reshapes it to [B * heads, 3 * ch, L] and
+    splits each head's block into q, k, v (ch channels each), i.e. channel
+    head * 3 * ch + j * ch + c is component j (q, k, v) of channel c of that head.
+    Returns softmax(q^T k / sqrt(ch)) applied to v, as [B, heads * ch, L] (head-major).
+    Runs through scaled_dot_product_attention (fused kernels on GPU; their softmax
+    accumulates in float32 as the reference's does).
+    """
+    batch, width, length = qkv.shape
+    ch = width // (3 * num_heads)
+    # [B, L, heads, 3, ch] -> [3, B, heads, L, ch]: token-major, channel dim contiguous
+    qkv = qkv.transpose(1, 2).reshape(batch, length, num_heads, 3, ch).permute(3, 0, 2, 1, 4)
+    q, k, v = qkv.unbind(0)  # each [B, heads, L, ch]
+    out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, ch]
+    return out.permute(0, 1, 3, 2).reshape(batch, num_heads * ch, length)  # [B, heads*ch, L]
+
+
+def checkpoint(fn: Callable[..., torch.Tensor], *args: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """fn(*args), recomputed in backward instead of storing activations when enabled.
+
+    Non-reentrant torch.utils.checkpoint: works with parameters that need grad and
+    inputs that don't, and restores the RNG state so dropout masks are reproduced.
+    """
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
