@@ -1,0 +1,1 @@
+"""Training service: DeepSpeed config rendering, engine, EMA, checkpoints, metrics, loop."""

@@ -1,0 +1,131 @@
+"""Render the one DeepSpeed config of a job: engine templates + the spec's own knobs."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..spec.job import DeepSpeedSpec, JobSpec, TrainSpec, deep_merge
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+# Keys the job spec owns; a template or override that sets them is a configuration error.
+SPEC_OWNED = {
+    "train_batch_size": "train.batch_size / train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.microbatch",
+    "gradient_accumulation_steps": "train.microbatch",
+    "optimizer": "train.lr / train.weight_decay",
+    "scheduler": "train.lr_anneal_steps / train.warmup_steps",
+    "gradient_clipping": "train.grad_clip",
+    "bf16.enabled": "precision",
+    "fp16.enabled": "precision",
+    "amp": "precision",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+}
+
+
+class ConfigError(ValueError):
+    """A job whose engine configuration cannot work; the message names the field."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The batch triangle: global = micro x accumulation x world."""
+
+    world_size: int
+    per_rank: int
+    micro: int
+    accumulation: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_rank * self.world_size
+
+
+def resolve_batch(train: TrainSpec, world_size: int) -> BatchPlan:
+    """Apply the job's batch policy at this world size and check the triangle."""
+    if train.global_batch_size is not None:
+        if train.global_batch_size % world_size:
+            raise ConfigError(
+                f"train.global_batch_size={train.global_batch_size} is not divisible by the "
+                f"world size {world_size}; choose a multiple of {world_size} or set train.batch_size")
+        per_rank = train.global_batch_size // world_size
+    else:
+        per_rank = train.batch_size
+    micro = train.microbatch if train.microbatch > 0 else per_rank
+    if per_rank % micro:
+        raise ConfigError(f"per-rank batch {per_rank} (world size {world_size}) is not a multiple "
+                          f"of train.microbatch={micro}")
+    plan = BatchPlan(world_size=world_size, per_rank=per_rank, micro=micro,
+                     accumulation=per_rank // micro)
+    assert plan.global_batch == plan.micro * plan.accumulation * world_size
+    return plan
+
+
+def _template(name: str) -> dict[str, Any]:
+    path = Path(name)
+    if not path.is_file():
+        path = DS_CONFIG_DIR / name
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.template {name!r} not found (looked in {DS_CONFIG_DIR})")
+    return json.loads(path.read_text())
+
+
+def _owned_keys_in(config: dict[str, Any], prefix: str = "") -> list[str]:
+    found = []
+    for key, value in config.items():
+        dotted = f"{prefix}{key}"
+        if dotted in SPEC_OWNED:
+            found.append(dotted)
+        elif isinstance(value, dict):
+            found += _owned_keys_in(value, dotted + ".")
+    return found
+
+
+def _engine_settings(ds: DeepSpeedSpec, precision: str, has_gpu: bool) -> dict[str, Any]:
+    names = ["base.json", f"zero{ds.zero_stage}.json"]
+    names += [f"{precision}.json"] if precision != "fp32" else []
+    names += ["offload_optimizer.json"] if ds.offload_optimizer else []
+    names += ["offload_param.json"] if ds.offload_param else []
+    config: dict[str, Any] = {}
+    for name in names:
+        config = deep_merge(config, _template(name))
+    user = [(_template(ds.template), f"deepspeed.template {ds.template}")] if ds.template else []
+    user.append((ds.overrides, "deepspeed.overrides"))
+    for extra, where in user:
+        owned = _owned_keys_in(extra)
+        if owned:
+            raise ConfigError(f"{where} sets {owned[0]}, which the job spec owns: set "
+                              f"{SPEC_OWNED[owned[0]]} instead")
+        config = deep_merge(config, extra)
+    if not has_gpu:  # pinned host memory needs a GPU driver
+        for key in ("offload_optimizer", "offload_param"):
+            if key in config.get("zero_optimization", {}):
+                config["zero_optimization"][key]["pin_memory"] = False
+    return config
+
+
+def render_ds_config(job: JobSpec, world_size: int, has_gpu: bool) -> dict[str, Any]:
+    """The final DeepSpeed config for this job at this world size."""
+    if job.precision == "fp16" and not has_gpu:
+        raise ConfigError("precision: fp16 needs a GPU (DeepSpeed's CPU accelerator refuses fp16); "
+                          "use precision: bf16 or fp32 on this machine")
+    plan = resolve_batch(job.train, world_size)
+    config = _engine_settings(job.deepspeed, job.precision, has_gpu)
+    train = job.train
+    config = deep_merge(config, {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro,
+        "gradient_accumulation_steps": plan.accumulation,
+        # torch_adam: the reference's torch AdamW numerics; the CPU-offload path swaps in
+        # DeepSpeedCPUAdam, which implements the same update.
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": train.lr, "weight_decay": train.weight_decay, "betas": [0.9, 0.999],
+            "eps": 1e-8, "torch_adam": not job.deepspeed.offload_optimizer}},
+        "gradient_clipping": train.grad_clip,
+        "bf16": {"enabled": job.precision == "bf16"},
+        "fp16": {"enabled": job.precision == "fp16"},
+        "zero_optimization": {"stage": job.deepspeed.zero_stage},
+    })
+    return config
