@@ -1,0 +1,129 @@
+"""Checkpoint layout, atomic completion and discovery.
+
+    run_dir/checkpoints/
+      latest                  tag of the newest COMPLETE checkpoint (written last, atomically)
+      step0000100/            one DeepSpeed tag directory
+        mp_rank_*, *optim_states.pt      engine state (DeepSpeed's files)
+        model000100.pt                   fp32 weights, reference file name (plain state dict)
+        ema_0.9999_000100.pt             EMA weights per rate, reference file names
+        trainer_state.pt                 step, sampler history, spec, world size (rank 0)
+        rank00000.pt ...                 per-rank data position and RNG states
+        complete.json                    written after every rank finished: the completion mark
+
+Every file of ours is a dict of tensors and plain types, loaded with weights_only=True.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import dist
+
+TAG_RE = re.compile(r"^step(\d{7,})$")
+COMPLETE = "complete.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:07d}"
+
+
+def step_of(tag: str) -> int:
+    match = TAG_RE.match(tag)
+    if not match:
+        raise ValueError(f"not a checkpoint tag: {tag!r}")
+    return int(match.group(1))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{dist.rank()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{dist.rank()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_plain(path: Path) -> Any:
+    """Load one of our files: tensors and plain containers only (never code)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / COMPLETE).is_file()
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoint tags, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name)]
+    return sorted((t for t in tags if is_complete(ckpt_dir / t)), key=step_of)
+
+
+def find_resume_tag(ckpt_dir: Path) -> tuple[str | None, str]:
+    """(tag to resume from or None, a sentence saying why) — never an incomplete checkpoint."""
+    complete = complete_tags(ckpt_dir)
+    latest_file = ckpt_dir / "latest"
+    pointed = latest_file.read_text().strip() if latest_file.is_file() else None
+    if pointed and pointed in complete:
+        return pointed, f"resuming from {pointed} (latest)"
+    if complete:
+        why = (f"latest points to {pointed!r}, which is incomplete" if pointed
+               else "no latest file")
+        return complete[-1], f"{why}; resuming from the newest complete checkpoint {complete[-1]}"
+    if pointed:
+        return None, f"latest points to {pointed!r}, which is incomplete, and no complete checkpoint exists: starting fresh"
+    return None, "no checkpoint: starting fresh"
+
+
+def mark_complete(ckpt_dir: Path, tag: str, meta: dict[str, Any], keep: int) -> None:
+    """Rank 0, after a barrier: mark the tag complete, point latest at it, prune old ones."""
+    atomic_write_bytes(ckpt_dir / tag / COMPLETE, json.dumps(meta, indent=1).encode())
+    atomic_write_bytes(ckpt_dir / "latest", tag.encode())
+    for old in complete_tags(ckpt_dir)[:-keep]:
+        shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    for stale in ckpt_dir.iterdir():
+        # incomplete saves older than the newest complete one are debris of a crash
+        if stale.is_dir() and TAG_RE.match(stale.name) and not is_complete(stale) \
+                and step_of(stale.name) < step_of(tag):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    import random
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state(),
+                             "python": list(random.getstate()[1]) + [random.getstate()[2] or 0]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    torch.set_rng_state(state["torch"])
+    values = [int(v) for v in state["python"]]
+    random.setstate((3, tuple(values[:-1]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def export_name_model(step: int) -> str:
+    return f"model{step:06d}.pt"
+
+
+def export_name_ema(rate: float, step: int) -> str:
+    return f"ema_{rate}_{step:06d}.pt"

@@ -1,0 +1,131 @@
+"""Training metrics: accumulated on the device every micro-step, read at log intervals.
+
+Per-sample losses are summed overall and per quartile of t (reference keys key_q0..q3,
+quartile = int(4 t / T)) with index_add_, so a micro-step costs a few tiny kernels and no
+host sync. At a log interval all ranks pack their sums into one tensor, all-reduce it
+once, and rank 0 writes JSONL, TensorBoard and a console line.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from .. import dist
+
+
+class LossAccumulator:
+    """On-device sums of per-sample losses, overall and by timestep quartile."""
+
+    def __init__(self, num_timesteps: int, device: torch.device) -> None:
+        self.num_timesteps = num_timesteps
+        self.device = device
+        self.keys: list[str] = []
+        self.sums: dict[str, torch.Tensor] = {}   # key -> [5]: quartiles 0..3, then total
+        self.counts = torch.zeros(5, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def accumulate(self, t: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
+        quartile = (4 * t // self.num_timesteps).clamp_(0, 3)            # [N]
+        ones = torch.ones_like(t, dtype=torch.float64)
+        self.counts.index_add_(0, quartile, ones)
+        self.counts[4] += t.shape[0]
+        for key, values in losses.items():
+            if key not in self.sums:
+                self.keys.append(key)
+                self.sums[key] = torch.zeros(5, dtype=torch.float64, device=self.device)
+            values = values.detach().to(torch.float64)                    # [N]
+            self.sums[key].index_add_(0, quartile, values)
+            self.sums[key][4] += values.sum()
+
+    def reduce(self) -> dict[str, float]:
+        """Global means over all ranks since the last call (collective), then reset."""
+        keys = sorted(self.keys)
+        packed = torch.stack([self.counts] + [self.sums[k] for k in keys])  # [1 + K, 5]
+        if dist.world_size() > 1:
+            torch_dist.all_reduce(packed)
+        packed = packed.cpu()
+        counts, out = packed[0], {}
+        for i, key in enumerate(keys, start=1):
+            out[key] = float(packed[i, 4] / counts[4]) if counts[4] else math.nan
+            for q in range(4):
+                if counts[q]:
+                    out[f"{key}_q{q}"] = float(packed[i, q] / counts[q])
+        self.counts.zero_()
+        for key in keys:
+            self.sums[key].zero_()
+        return out
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory of this rank: device memory on a GPU, else the process's max RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gather_floats(value: float) -> list[float]:
+    """One float from every rank (collective); small, only at log intervals."""
+    tensor = torch.tensor([value], dtype=torch.float64, device=dist.device())
+    if dist.world_size() == 1:
+        return [value]
+    out = [torch.zeros_like(tensor) for _ in range(dist.world_size())]
+    torch_dist.all_gather(out, tensor)
+    return [float(t) for t in out]
+
+
+class MetricsWriter:
+    """Rank 0's sinks: metrics.jsonl, TensorBoard events, and the console progress line."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, total_steps: int | None) -> None:
+        self.total_steps = total_steps
+        self.jsonl = None
+        self.tb = None
+        self.started = time.time()
+        if dist.is_main():
+            self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def write(self, step: int, record: dict[str, Any]) -> None:
+        if not dist.is_main():
+            return
+        record = {"step": step, "time": round(time.time(), 3), **record}
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "time"):
+                    self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+        dist.print0(self._console(step, record))
+
+    def _console(self, step: int, r: dict[str, Any]) -> str:
+        total = f"/{self.total_steps}" if self.total_steps else ""
+        parts = [f"step {step}{total}"]
+        for key, fmt in (("loss", ".4f"), ("mse", ".4f"), ("vb", ".4f"), ("grad_norm", ".3f"),
+                         ("lr", ".2e"), ("img_per_s", ".1f"), ("data_wait_frac", ".0%")):
+            if key in r and r[key] is not None and not (isinstance(r[key], float) and math.isnan(r[key])):
+                parts.append(f"{key} {format(r[key], fmt)}")
+        if self.total_steps and r.get("step_time_s"):
+            eta = (self.total_steps - step) * r["step_time_s"]
+            parts.append(f"eta {eta / 60:.1f} min")
+        return " | ".join(parts)
+
+    def image(self, tag: str, image_hwc: Any, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_image(tag, image_hwc, step, dataformats="HWC")
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
