@@ -1,0 +1,314 @@
+"""Timestep samplers for diffusion training: uniform, and loss-aware importance sampling.
+
+A schedule sampler draws the training timesteps t with probability p_t and returns the
+importance weights 1/(T p_t), so that mean(loss * weights) is an unbiased estimate of the
+uniform mean over timesteps. `LossSecondMomentResampler` is the reference's (IDDPM,
+Nichol & Dhariwal 2021, sec. 3.3) choice p_t ~ sqrt(E[L_t^2]), estimated from the last
+`history_per_term` losses seen at each t, mixed with `uniform_prob` of uniform mass; it
+samples uniformly until every timestep has a full history.
+
+Distributed service design (differences from the reference, which all-gathers three
+times, walks every element with `.item()` and forgets its history on resume):
+
+- `update_with_local_losses` issues EXACTLY ONE collective per call (none at world size
+  1): every rank packs its (t, loss) pairs into a fixed-size float64 buffer of
+  `max_local_batch` slots, padding with t = T, and all ranks all-gather these buffers.
+  The capacity must be known to all ranks without a collective, so it is fixed at
+  construction (the trainer passes its micro-batch size); local batches may be smaller
+  and differ between ranks, a larger one raises on that rank. t is carried as float64,
+  exact for any realistic T (< 2^53).
+- Every rank then applies the same vectorised update to identical gathered data in
+  identical (rank-major) order, so the history, counts and weights are bit-identical on
+  all ranks; the result equals appending the losses one by one in the order rank 0's
+  samples, then rank 1's, ... (as the reference does).
+- Padding, losses that a timestep receives more than `history_per_term` times in one
+  update (only the newest H can survive), and non-finite losses (which would poison the
+  distribution until pushed out) are all written into a spare sink row T that is never
+  read.
+- Every rank must call `update_with_local_losses` on every micro-step (it is a
+  collective; with gradient accumulation each micro-batch's losses are appended, as in
+  the reference). The sampler is independent of the model and its ZeRO partitioning.
+- No host synchronisation on the per-step path: history, counts and probabilities live
+  on the device, draws come from a per-rank `torch.Generator` seeded from (seed, rank).
+- `state_dict()` holds the global history (chronological, oldest first, as the
+  reference lays it out) and counts, identical on every rank, so a checkpoint reloads at
+  any world size and the sampler is exactly as warm after a resume as before.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from iddpm_ds.spec.sampler import SamplerSpec
+
+# Slots per rank in the gathered buffer when the caller does not state its largest local
+# batch; the trainer should pass its micro-batch size instead (smaller buffer, no surprise).
+DEFAULT_MAX_LOCAL_BATCH = 1024
+
+
+def stream_seed(seed: int, rank: int) -> int:
+    """Well-mixed 63-bit generator seed for one rank: nearby (seed, rank) pairs get
+    unrelated streams, and no two ranks share one."""
+    state = np.random.SeedSequence([int(seed), int(rank)]).generate_state(1, dtype=np.uint64)
+    return int(state[0]) & ((1 << 63) - 1)
+
+
+class ScheduleSampler(abc.ABC):
+    """Draws timesteps t with probability p_t and weights 1/(T p_t) for one rank."""
+
+    name: str = ""
+
+    def __init__(self, num_timesteps: int, *, device: torch.device | str, seed: int,
+                 rank: int) -> None:
+        if num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+        self.num_timesteps = int(num_timesteps)
+        self.device = torch.device(device)
+        self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(stream_seed(seed, rank))
+
+    @abc.abstractmethod
+    def weights(self) -> torch.Tensor:
+        """Unnormalised sampling weights per timestep, [T] float64 on the device."""
+
+    def probabilities(self) -> torch.Tensor:
+        """p_t, [T] float64 on the device, summing to 1."""
+        w = self.weights()  # [T]
+        return w / w.sum()
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw batch_size timesteps. Returns t (int64 [N]) and weights 1/(T p_t) (float32 [N])."""
+        p = self.probabilities()  # [T]
+        if batch_size == 0:  # multinomial refuses zero draws
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return empty, torch.zeros(0, dtype=torch.float32, device=self.device)
+        t = torch.multinomial(p, batch_size, replacement=True, generator=self._generator)  # [N]
+        weights = (1.0 / (self.num_timesteps * p[t])).float()  # [N]
+        return t, weights
+
+    def update_with_local_losses(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Report this rank's per-sample losses at timesteps t (no-op unless loss-aware)."""
+
+    @property
+    def warmed_up(self) -> torch.Tensor:
+        """Device bool scalar: the sampler has left its uniform warm-up."""
+        return torch.ones((), dtype=torch.bool, device=self.device)
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Device float32 scalars for the training log (no host sync): warmup_fraction,
+        entropy (nats) of p, weight_min and weight_max (over all timesteps)."""
+        p = self.probabilities()  # [T]
+        weights = 1.0 / (self.num_timesteps * p)  # [T]
+        values = {
+            "warmup_fraction": self._warmup_fraction(),
+            "entropy": -torch.special.xlogy(p, p).sum(),
+            "weight_min": weights.min(),
+            "weight_max": weights.max(),
+        }
+        return {key: value.float() for key, value in values.items()}
+
+    def _warmup_fraction(self) -> torch.Tensor:
+        return torch.ones((), dtype=torch.float64, device=self.device)
+
+    def rng_state(self) -> torch.Tensor:
+        """This rank's generator state (uint8 CPU tensor); per rank, save one per rank."""
+        return self._generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self._generator.set_state(state.detach().to("cpu", torch.uint8))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Global (rank-independent) state of plain types and CPU tensors."""
+        return {"name": self.name, "num_timesteps": self.num_timesteps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"checkpoint holds a {state.get('name')!r} sampler, not {self.name!r}")
+        if int(state["num_timesteps"]) != self.num_timesteps:
+            raise ValueError(f"checkpoint sampler has T={state['num_timesteps']}, "
+                             f"this one T={self.num_timesteps}")
+
+
+class UniformSampler(ScheduleSampler):
+    """Every timestep equally likely; all weights are 1."""
+
+    name = "uniform"
+
+    def weights(self) -> torch.Tensor:
+        return torch.ones(self.num_timesteps, dtype=torch.float64, device=self.device)
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.randint(0, self.num_timesteps, (batch_size,), generator=self._generator,
+                          device=self.device)  # [N]
+        return t, torch.ones(batch_size, dtype=torch.float32, device=self.device)
+
+
+class LossSecondMomentResampler(ScheduleSampler):
+    """p_t ~ sqrt(mean of the last H squared losses at t), mixed with uniform_prob of
+    uniform mass; uniform until every t has H losses. See the module docstring."""
+
+    name = "loss-second-moment"
+
+    def __init__(self, num_timesteps: int, *, device: torch.device | str, seed: int, rank: int,
+                 history_per_term: int = 10, uniform_prob: float = 0.001,
+                 max_local_batch: int = DEFAULT_MAX_LOCAL_BATCH,
+                 history_dtype: torch.dtype = torch.float64,
+                 group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(num_timesteps, device=device, seed=seed, rank=rank)
+        if history_per_term < 1 or not 0.0 <= uniform_prob <= 1.0 or max_local_batch < 1:
+            raise ValueError("need history_per_term >= 1, 0 <= uniform_prob <= 1, "
+                             "max_local_batch >= 1")
+        self.history_per_term = int(history_per_term)
+        self.uniform_prob = float(uniform_prob)
+        self.max_local_batch = int(max_local_batch)
+        self._group = group
+        T, H = self.num_timesteps, self.history_per_term
+        # Ring buffer per timestep; row T is a sink for padding and discarded losses.
+        self._history = torch.zeros(T + 1, H, dtype=history_dtype, device=self.device)  # [T+1, H]
+        # Losses ever appended per t; the next write goes to slot total % H.
+        self._total = torch.zeros(T + 1, dtype=torch.int64, device=self.device)  # [T+1]
+        self._slots = torch.arange(H, device=self.device)  # [H]
+        self._p: torch.Tensor | None = None  # cached probabilities, dropped on update
+
+    # --- reading the state -------------------------------------------------------------
+    def counts(self) -> torch.Tensor:
+        """Losses held per timestep (at most H), [T] int64."""
+        return self._total[: self.num_timesteps].clamp(max=self.history_per_term)
+
+    def history(self) -> torch.Tensor:
+        """Loss history in chronological order (oldest first, unused slots zero), [T, H]."""
+        H = self.history_per_term
+        total = self._total[: self.num_timesteps]  # [T]
+        oldest = torch.where(total >= H, total % H, torch.zeros_like(total))  # [T]
+        slots = (oldest[:, None] + self._slots) % H  # [T, H]
+        return self._history[: self.num_timesteps].gather(1, slots)
+
+    @property
+    def warmed_up(self) -> torch.Tensor:
+        return (self._total[: self.num_timesteps] >= self.history_per_term).all()
+
+    def _warmup_fraction(self) -> torch.Tensor:
+        full = self._total[: self.num_timesteps] >= self.history_per_term  # [T]
+        return full.to(torch.float64).mean()
+
+    def weights(self) -> torch.Tensor:
+        """The reference's weights: ones during warm-up, else the normalised root mean
+        square loss per t times (1 - uniform_prob) plus uniform_prob / T. [T] float64."""
+        T = self.num_timesteps
+        # Chronological order makes the float sum depend on the history only, not on the
+        # ring's phase, so a resumed sampler reproduces the uninterrupted one bit for bit.
+        rms = self.history().to(torch.float64).square().mean(dim=-1).sqrt()  # [T]
+        mixed = rms / rms.sum().clamp_min(torch.finfo(torch.float64).tiny)
+        mixed = mixed * (1.0 - self.uniform_prob) + self.uniform_prob / T  # [T]
+        return torch.where(self.warmed_up, mixed, torch.ones_like(mixed))
+
+    def probabilities(self) -> torch.Tensor:
+        if self._p is None:
+            self._p = super().probabilities()
+        return self._p
+
+    # --- the update -------------------------------------------------------------------
+    def update_with_local_losses(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Append this rank's (t, loss) pairs and every other rank's to the shared history.
+
+        A collective: every rank must call it on every micro-step, with its own local
+        batch (sizes may differ, up to max_local_batch, zero included). Exactly one
+        all-gather per call; no host synchronisation besides it.
+        """
+        if t.ndim != 1 or losses.shape != t.shape:
+            raise ValueError(f"need t [N] and losses [N], got {tuple(t.shape)}, {tuple(losses.shape)}")
+        if t.shape[0] > self.max_local_batch:
+            raise ValueError(f"local batch {t.shape[0]} exceeds max_local_batch="
+                             f"{self.max_local_batch}; build the sampler with the largest micro-batch")
+        gathered = self._all_gather(self._pack(t, losses))  # [W, 2, C]
+        t_all = gathered[:, 0].reshape(-1).to(torch.int64)  # [W*C], rank-major
+        loss_all = gathered[:, 1].reshape(-1)  # [W*C]
+        self._append(t_all, loss_all)
+        self._p = None
+
+    def _pack(self, t: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        n, capacity = t.shape[0], self.max_local_batch
+        packed = torch.empty(2, capacity, dtype=torch.float64, device=self.device)  # [2, C]
+        packed[0].fill_(float(self.num_timesteps))  # padding goes to the sink row
+        packed[1].zero_()
+        packed[0, :n] = t.detach().to(self.device, torch.float64)
+        packed[1, :n] = losses.detach().to(self.device, torch.float64)
+        return packed
+
+    def _all_gather(self, packed: torch.Tensor) -> torch.Tensor:
+        """The single collective: [2, C] per rank -> [W, 2, C] in rank order."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return packed.unsqueeze(0)
+        world = dist.get_world_size(self._group)
+        if world == 1:
+            return packed.unsqueeze(0)
+        out = torch.empty(world * packed.numel(), dtype=packed.dtype, device=packed.device)
+        # Looked up at call time (not bound at import) so tests can observe the real call.
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(out, packed.reshape(-1), group=self._group)
+        return out.view(world, *packed.shape)
+
+    def _append(self, t_all: torch.Tensor, loss_all: torch.Tensor) -> None:
+        """Vectorised equivalent of appending each (t, loss) in order to t's history."""
+        T, H = self.num_timesteps, self.history_per_term
+        sink = torch.full_like(t_all, T)
+        t_all = torch.where(torch.isfinite(loss_all), t_all, sink)  # [M]
+        t_sorted, order = torch.sort(t_all, stable=True)  # [M]; ties keep arrival order
+        loss_sorted = loss_all[order].to(self._history.dtype)  # [M]
+        arrivals = torch.zeros_like(self._total).index_add_(0, t_all, torch.ones_like(t_all))  # [T+1]
+        first = torch.cumsum(arrivals, 0) - arrivals  # [T+1] first sorted index of each t
+        k = torch.arange(t_sorted.shape[0], device=self.device) - first[t_sorted]  # [M] arrival rank
+        survives = k >= arrivals[t_sorted] - H  # [M] only the newest H per t can remain
+        row = torch.where(survives, t_sorted, sink)  # [M]
+        slot = (self._total[t_sorted] + k) % H  # [M] distinct among survivors of one t
+        self._history.view(-1).index_put_((row * H + slot,), loss_sorted)
+        self._total += arrivals
+
+    # --- checkpointing ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """History (chronological, oldest first) and counts as CPU tensors; identical on
+        every rank, so any rank may save it and any world size may load it."""
+        return {
+            **super().state_dict(),
+            "history_per_term": self.history_per_term,
+            "uniform_prob": self.uniform_prob,
+            "loss_history": self.history().cpu(),  # [T, H]
+            "loss_counts": self.counts().cpu(),  # [T]
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore history and counts; uniform_prob and capacity keep this sampler's values."""
+        super().load_state_dict(state)
+        T, H = self.num_timesteps, self.history_per_term
+        history = torch.as_tensor(state["loss_history"])
+        counts = torch.as_tensor(state["loss_counts"]).to(torch.int64)
+        if tuple(history.shape) != (T, H) or tuple(counts.shape) != (T,):
+            raise ValueError(f"checkpoint history {tuple(history.shape)} / counts "
+                             f"{tuple(counts.shape)} do not fit T={T}, history_per_term={H}")
+        if bool(((counts < 0) | (counts > H)).any()):
+            raise ValueError(f"checkpoint loss counts must lie in [0, {H}]")
+        self._history.zero_()
+        self._history[:T] = history.to(self.device, self._history.dtype)
+        self._total.zero_()
+        self._total[:T] = counts.to(self.device)  # chronological layout: oldest in slot 0
+        self._p = None
+
+
+def build_schedule_sampler(spec: SamplerSpec, num_timesteps: int, *, device: torch.device | str,
+                           seed: int, rank: int, max_local_batch: int | None = None,
+                           group: dist.ProcessGroup | None = None) -> ScheduleSampler:
+    """The sampler a job spec asks for. max_local_batch: the largest per-rank batch that
+    will ever be passed to update_with_local_losses (the micro-batch size); it sizes the
+    one all-gather and must be the same on every rank."""
+    if spec.name == "uniform":
+        return UniformSampler(num_timesteps, device=device, seed=seed, rank=rank)
+    if spec.name == "loss-second-moment":
+        return LossSecondMomentResampler(
+            num_timesteps, device=device, seed=seed, rank=rank,
+            history_per_term=spec.history_per_term, uniform_prob=spec.uniform_prob,
+            max_local_batch=max_local_batch or DEFAULT_MAX_LOCAL_BATCH, group=group)
+    raise ValueError(f"unknown schedule sampler {spec.name!r}")  # unreachable with a valid spec
