@@ -25,9 +25,11 @@ def normal_kl(
     tensor = next((a for a in (mean1, logvar1, mean2, logvar2) if isinstance(a, torch.Tensor)), None)
     if tensor is None:
         raise TypeError("normal_kl needs at least one tensor argument")
-    # Log-variances as tensors so torch.exp applies to scalar ones too.
+    # Log-variances as tensors so torch.exp applies to scalar ones too; made directly in
+    # the tensor's dtype (same float32 values as the reference, exact in float64).
     logvar1, logvar2 = (
-        x if isinstance(x, torch.Tensor) else torch.tensor(x).to(tensor) for x in (logvar1, logvar2))
+        x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=tensor.dtype, device=tensor.device)
+        for x in (logvar1, logvar2))
     return 0.5 * (
         -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
         + ((mean1 - mean2) ** 2) * torch.exp(-logvar2))
