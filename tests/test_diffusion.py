@@ -527,3 +527,19 @@ def test_with_the_project_unet():
     assert torch.isfinite(terms["loss"]).all() and "vb" in terms
     sample = d.ddim_sample_loop(model, (1, 3, 8, 8))
     assert sample.shape == (1, 3, 8, 8) and torch.isfinite(sample).all()
+
+
+@pytest.mark.parametrize("flags", [{"learn_sigma": True}, {"learn_sigma": True, "use_kl": True}, {}])
+def test_training_losses_never_reads_values_on_the_host(flags):
+    # On the meta device tensors have no values: any .item()/.cpu()/data-dependent
+    # Python branch would raise, so this proves the training step has no host sync.
+    with pytest.raises(Exception):
+        torch.empty(1, device="meta").item()
+    d = make(100, respacing="50", **flags)
+    model = TinyModel(6 if flags else 3).to("meta")
+    x0 = torch.empty(4, 3, 8, 8, device="meta")
+    t = torch.empty(4, dtype=torch.long, device="meta")
+    terms = d.training_losses(model, x0, t)
+    terms["loss"].mean().backward()
+    assert all(v.shape == (4,) and v.device.type == "meta" for v in terms.values())
+    assert model.conv.weight.grad is not None
