@@ -239,13 +239,17 @@ class GaussianDiffusion:
             self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
             - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps)
 
-    def _predict_xstart_from_xprev(self, x_t: torch.Tensor, t: torch.Tensor, xprev: torch.Tensor) -> torch.Tensor:
+    def _predict_xstart_from_xprev(
+        self, x_t: torch.Tensor, t: torch.Tensor, xprev: torch.Tensor
+    ) -> torch.Tensor:
         # Inverts posterior mean = coef1 * x_0 + coef2 * x_t.
         return (
             self._extract("recip_posterior_mean_coef1", t, x_t.shape) * xprev
             - self._extract("posterior_mean_coef2_over_coef1", t, x_t.shape) * x_t)
 
-    def _predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
+    def _predict_eps_from_xstart(
+        self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor
+    ) -> torch.Tensor:
         return (
             self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart
         ) / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape)
@@ -413,7 +417,8 @@ class GaussianDiffusion:
         """Per-sample term of the variational bound, in bits per dimension:
         KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0, decoder NLL -log p(x_0|x_1) at t = 0.
         Returns "output" [N] and "pred_xstart"."""
-        true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)
+        true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(
+            x_start=x_start, x_t=x_t, t=t)
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         kl = normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])
         kl = mean_flat(kl) / math.log(2.0)  # [N]
