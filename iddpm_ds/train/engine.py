@@ -1,0 +1,80 @@
+"""The DeepSpeed engine for a job: model, AdamW, lr schedule, ZeRO and precision."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .. import dist
+from ..models import build_model
+from ..spec.job import JobSpec, TrainSpec
+from .ds_config import BatchPlan, render_ds_config, resolve_batch
+
+COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def lr_factor(train: TrainSpec) -> Callable[[int], float]:
+    """lr multiplier at optimizer step k: optional linear warm-up, then the reference's
+    linear anneal lr * (1 - k / lr_anneal_steps)."""
+    warmup, anneal = train.warmup_steps, train.lr_anneal_steps
+
+    def factor(k: int) -> float:
+        value = min(1.0, (k + 1) / warmup) if warmup else 1.0
+        if anneal:
+            value *= max(0.0, 1.0 - k / anneal)
+        return value
+
+    return factor
+
+
+@dataclass
+class EngineBundle:
+    engine: Any                 # deepspeed.DeepSpeedEngine
+    plan: BatchPlan
+    ds_config: dict[str, Any]
+    dtype: torch.dtype
+
+
+def build_engine(job: JobSpec) -> EngineBundle:
+    """Same initial weights on every rank (seeded), wrapped by DeepSpeed with AdamW and the
+    lr schedule; DeepSpeed owns masters, loss scaling, accumulation and clipping."""
+    import deepspeed
+
+    world = dist.world_size()
+    ds_config = render_ds_config(job, world, dist.has_gpu())
+    torch.manual_seed(job.train.seed)
+    model = build_model(job.model)
+    factor = lr_factor(job.train)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+    return EngineBundle(engine=engine, plan=resolve_batch(job.train, world),
+                        ds_config=ds_config, dtype=COMPUTE_DTYPE[job.precision])
+
+
+class EngineModel:
+    """The model as the diffusion calls it: input cast to the engine's compute dtype,
+    output back to float32 so every loss term is computed in fp32 (as the reference's
+    fp16 path does)."""
+
+    def __init__(self, engine: Any, dtype: torch.dtype) -> None:
+        self.engine = engine
+        self.dtype = dtype
+
+    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
+        if "low_res" in model_kwargs:
+            model_kwargs = {**model_kwargs, "low_res": model_kwargs["low_res"].to(self.dtype)}
+        return self.engine(x.to(self.dtype), timesteps, **model_kwargs).float()  # [N, C', H, W]
+
+
+def grad_norm(engine: Any) -> torch.Tensor | float | None:
+    """Global gradient norm of the last step, as DeepSpeed computed it; None where the
+    plain fp32 ZeRO-0 path computes none (the trainer then measures it before step())."""
+    return engine.get_global_grad_norm()
+
+
+def loss_scale(engine: Any) -> float | None:
+    optimizer = getattr(engine, "optimizer", None)
+    scale = getattr(optimizer, "cur_scale", None) or getattr(optimizer, "loss_scale", None)
+    return float(scale) if scale is not None and engine.fp16_enabled() else None

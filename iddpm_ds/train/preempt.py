@@ -1,0 +1,47 @@
+"""Preemption: a signal on any rank makes every rank stop after the same step.
+
+SIGUSR1 (Slurm's `--signal`) and SIGTERM (scancel, node drain) only set a flag; the loop
+all-reduces the flag every `check_interval` steps (one 1-element MAX all-reduce, the only
+per-step host read, and it is opt-in by interval), so all ranks agree on the step at
+which to checkpoint and exit with PREEMPTED_EXIT, which the Slurm scripts requeue on.
+"""
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from .. import dist
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later", i.e. requeue and resume
+
+
+class PreemptionWatch:
+    """Installs the signal handlers and answers `should_stop(step)` identically on all ranks."""
+
+    def __init__(self, check_interval: int, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
+        self.check_interval = check_interval
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+        for signum in signals:
+            self._previous[signum] = signal.signal(signum, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            dist.log("signal_received", signal=signal.Signals(signum).name)
+        self.received = signum
+
+    def should_stop(self, step: int) -> bool:
+        if step % self.check_interval:
+            return False
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32,
+                            device=dist.device())
+        if dist.world_size() > 1:
+            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)

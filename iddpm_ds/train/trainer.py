@@ -1,0 +1,190 @@
+"""The training service's loop: one IDDPM optimizer step at a time on a DeepSpeed engine.
+
+A step reads top to bottom: batch, timesteps, losses, sampler update, backward, step,
+EMA, metrics. Everything read back from the device waits for a log interval.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import dist
+from ..data import build_train_stream
+from ..diffusion import build_diffusion
+from ..diffusion.timestep_sampler import build_schedule_sampler
+from ..spec.job import JobSpec, dump_job
+from . import checkpoint as ckpt
+from .ds_config import render_ds_config, resolve_batch
+from .ema import EMA
+from .engine import EngineModel, build_engine, grad_norm, loss_scale
+from .master import MasterWeights
+from .metrics import LossAccumulator, MetricsWriter, gather_floats, memory_mb
+from .preempt import PREEMPTED_EXIT, PreemptionWatch
+from .resume import Resumer
+from .sample_grid import write_sample_grid
+
+
+class Trainer:
+    """Builds every component from its spec slice, resumes if it can, and trains."""
+
+    def __init__(self, job: JobSpec) -> None:
+        self.job = job
+        self.run_dir = Path(job.output.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        plan = resolve_batch(job.train, dist.world_size())
+        render_ds_config(job, dist.world_size(), dist.has_gpu())  # config errors before any work
+        self.data = build_train_stream(  # missing/corrupt data fails here, before any write
+            job.data, image_size=job.model.image_size, class_cond=job.model.class_cond,
+            batch_size=plan.micro, rank=dist.rank(), world_size=dist.world_size(), seed=job.train.seed)
+        self._prepare_run_dir()
+        bundle = build_engine(job)
+        self.engine, self.plan, self.dtype = bundle.engine, bundle.plan, bundle.dtype
+        self.model_fn = EngineModel(self.engine, self.dtype)
+        self.diffusion = build_diffusion(job.diffusion)
+        self.master = MasterWeights(self.engine)
+        self.ema = EMA(self.master, job.train.ema_rate)
+        self.device = dist.device()
+        torch.manual_seed(job.train.seed * 100_003 + dist.rank())  # per-rank noise and dropout
+        self.sampler = build_schedule_sampler(
+            job.train.schedule_sampler, self.diffusion.num_timesteps, device=self.device,
+            seed=job.train.seed, rank=dist.rank(), max_local_batch=self.plan.micro)
+        self.losses = LossAccumulator(self.diffusion.num_timesteps, self.device)
+        self.step = 0
+        self.last_saved = -1
+        self.resumed_from = Resumer(self).resume()
+        self.writer = MetricsWriter(self.run_dir, job.output.tensorboard, job.train.total_steps)
+        self.preempt = PreemptionWatch(job.train.preempt_check_interval)
+        self._norm_from_grads = job.deepspeed.zero_stage == 0 and job.precision == "fp32"
+        self._grad_norm: Any = None
+        self._reset_timers()
+
+    def _prepare_run_dir(self) -> None:
+        if dist.is_main():
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "job.yaml").write_text(dump_job(self.job))
+        dist.barrier()
+
+    # ----------------------------------------------------------------------- the loop
+    def run(self) -> int:
+        """Train until train.total_steps (or forever); returns the process exit status."""
+        total = self.job.train.total_steps
+        dist.log0("train_start", step=self.step, total_steps=total, world_size=dist.world_size(),
+                  per_rank_batch=self.plan.per_rank, micro=self.plan.micro,
+                  accumulation=self.plan.accumulation, global_batch=self.plan.global_batch,
+                  zero_stage=self.job.deepspeed.zero_stage, precision=self.job.precision)
+        self._batches = iter(self.data)
+        try:
+            while total is None or self.step < total:
+                self.train_step()
+                self._after_step()
+                if self.preempt.should_stop(self.step):
+                    dist.log0("preempted", step=self.step)
+                    self.save()
+                    return PREEMPTED_EXIT
+            if self.last_saved != self.step:
+                self.save()
+            dist.log0("train_done", step=self.step)
+            return 0
+        finally:
+            self.preempt.restore()
+            self.writer.close()
+            self.data.close()
+
+    def train_step(self) -> None:
+        """One optimizer step: `accumulation` micro-batches, then DeepSpeed steps."""
+        for micro in range(self.plan.accumulation):
+            x_start, model_kwargs = self._next_batch()                       # [n, C, H, W]
+            t, weights = self.sampler.sample(x_start.shape[0])               # [n], [n]
+            losses = self.diffusion.training_losses(self.model_fn, x_start, t,
+                                                    model_kwargs=model_kwargs)
+            self.sampler.update_with_local_losses(t, losses["loss"].detach())  # one collective
+            loss = (losses["loss"] * weights).mean()
+            self.engine.backward(loss)                 # DeepSpeed scales by 1/accumulation
+            if micro == self.plan.accumulation - 1 and self._wants_grad_norm():
+                self._grad_norm = _local_grad_norm(self.engine.module)
+            self.engine.step()                         # optimizer only at the boundary
+            self.losses.accumulate(t, losses)
+        if self.engine.was_step_applied():             # fp16 overflow steps leave EMA alone
+            self.ema.update()
+        self.step += 1
+        self._steps_in_interval += 1
+
+    def _next_batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        start = time.perf_counter()
+        batch, cond = next(self._batches)
+        self._data_wait += time.perf_counter() - start
+        x_start = batch.to(self.device, non_blocking=True)
+        model_kwargs = {k: v.to(self.device, non_blocking=True) for k, v in cond.items()}
+        return x_start, model_kwargs
+
+    def _after_step(self) -> None:
+        train, step = self.job.train, self.step
+        if step % train.log_interval == 0:
+            self.log_metrics()
+        if train.sample_interval and step % train.sample_interval == 0:
+            self.sample_grid()
+        if train.eval_interval and step % train.eval_interval == 0:
+            self.evaluate()
+        if step % train.save_interval == 0:
+            self.save()
+
+    def _wants_grad_norm(self) -> bool:
+        return self._norm_from_grads and (self.step + 1) % self.job.train.log_interval == 0
+
+    # ------------------------------------------------------------- at intervals only
+    def log_metrics(self) -> None:
+        """Read the interval's metrics from the device (collective; all ranks)."""
+        record: dict[str, Any] = self.losses.reduce()
+        elapsed = time.perf_counter() - self._interval_start
+        steps = max(1, self._steps_in_interval)
+        norm = self._grad_norm if self._norm_from_grads else grad_norm(self.engine)
+        record.update({
+            "grad_norm": float(norm) if norm is not None else None,
+            "lr": self.engine.get_lr()[0],
+            "samples": self.step * self.plan.global_batch,
+            "img_per_s": steps * self.plan.global_batch / elapsed,
+            "step_time_s": elapsed / steps,
+            "data_wait_s": self._data_wait / steps,
+            "compute_s": (elapsed - self._data_wait) / steps,
+            "data_wait_frac": self._data_wait / elapsed,
+            "memory_mb_per_rank": gather_floats(memory_mb(self.device)),
+        })
+        scale = loss_scale(self.engine)
+        if scale:
+            record["lg_loss_scale"] = float(torch.tensor(scale).log2())
+        record.update({f"sampler_{k}": float(v) for k, v in self.sampler.metrics().items()})
+        record.update({f"data_{k}": v for k, v in self.data.stats().items()
+                       if isinstance(v, (int, float))})
+        self.writer.write(self.step, record)
+        self._reset_timers()
+
+    def _reset_timers(self) -> None:
+        self._interval_start = time.perf_counter()
+        self._data_wait = 0.0
+        self._steps_in_interval = 0
+
+    def sample_grid(self) -> None:
+        write_sample_grid(self, rate=self.job.train.ema_rate[0])
+
+    def evaluate(self) -> None:
+        from .evaluation import evaluate_during_training
+
+        evaluate_during_training(self)
+
+    def save(self) -> None:
+        from .saver import save_checkpoint
+
+        save_checkpoint(self)
+        self.last_saved = self.step
+
+
+@torch.no_grad()
+def _local_grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """L2 norm of all gradients (already averaged over ranks at the ZeRO-0 boundary)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))

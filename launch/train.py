@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Train an IDDPM model from one job file.
+
+    deepspeed --num_gpus N launch/train.py --job job.yaml [--set train.lr=2e-4 ...]
+    deepspeed --hostfile hosts launch/train.py --job job.yaml
+    torchrun --nproc_per_node N launch/train.py --job job.yaml
+    srun python launch/train.py --job job.yaml        (ranks from SLURM_* variables)
+    python launch/train.py --job job.yaml --check     (validate, print, exit; trains nothing)
+
+Restarting the same command resumes from the run dir's newest complete checkpoint.
+Exit status: 0 done, 2 bad job/config/data (one message, nothing written),
+75 preempted after a checkpoint (requeue to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_BAD_JOB = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--job", type=Path, help="job spec YAML")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field, e.g. --set train.lr=2e-4 (repeatable)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate; print resolved spec, DeepSpeed config, parameter count and "
+                             "memory estimate; exit without training or writing")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --check: world size to render for (default: the launcher's, else 1)")
+    parser.add_argument("--schema", type=Path, metavar="PATH",
+                        help="write the job spec's JSON schema (for editors) to PATH and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.job is None and args.schema is None:
+        parser.error("--job is required")
+    return args
+
+
+def fail(message: str) -> int:
+    from iddpm_ds import dist
+
+    if dist.is_main():
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    return EXIT_BAD_JOB
+
+
+def format_validation_error(path: Path, err) -> str:
+    lines = []
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        got = item.get("input")
+        got_text = "" if isinstance(got, dict) or item["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"{field}: {item['msg']}{got_text}")
+    return f"{path}: invalid job spec: " + "; ".join(lines)
+
+
+def load(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from iddpm_ds.spec.job import load_job
+
+    try:
+        return load_job(args.job, args.sets), None
+    except ValidationError as err:
+        return None, format_validation_error(args.job, err)
+    except (OSError, ValueError) as err:  # missing file, YAML errors, bad --set
+        return None, f"{args.job}: {err}"
+
+
+def check(job, world_size: int) -> int:
+    """--check: everything a user wants to see before spending GPU-hours."""
+    from iddpm_ds import build_model, dist
+    from iddpm_ds.spec.job import dump_job
+    from iddpm_ds.train.ds_config import render_ds_config
+    from iddpm_ds.train.memory import model_state_bytes
+
+    config = render_ds_config(job, world_size, dist.has_gpu())
+    num_params = sum(p.numel() for p in build_model(job.model).parameters())
+    memory = model_state_bytes(num_params, job, world_size)
+    print("# resolved job spec\n" + dump_job(job))
+    print(f"# DeepSpeed config at world size {world_size}\n" + json.dumps(config, indent=2))
+    print(f"# parameters: {num_params:,}")
+    print(f"# model-state memory per rank (ZeRO-{job.deepspeed.zero_stage}, {job.precision}, "
+          f"world {world_size}; activations not included):")
+    for key, value in memory.items():
+        print(f"#   {key:<18} {value / 2**20:10.1f} MiB")
+    print(f"#   {'total':<18} {sum(v for k, v in memory.items() if 'cpu' not in k) / 2**20:10.1f} MiB")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from iddpm_ds import dist
+    from iddpm_ds.spec.job import JobSpec
+
+    if args.schema:
+        args.schema.write_text(json.dumps(JobSpec.model_json_schema(), indent=2))
+        return 0
+    job, error = load(args)
+    if error:
+        return fail(error)
+    from iddpm_ds.train.ds_config import ConfigError
+
+    if args.check:
+        try:
+            return check(job, args.world_size or dist.world_size())
+        except ConfigError as err:
+            return fail(str(err))
+    return train(job)
+
+
+def train(job) -> int:
+    from iddpm_ds import dist
+    from iddpm_ds.data.errors import DataError
+    from iddpm_ds.train.ds_config import ConfigError
+    from iddpm_ds.train.resume import ResumeError
+    from iddpm_ds.train.trainer import Trainer
+
+    dist.init()
+    try:
+        try:
+            trainer = Trainer(job)
+        except (ConfigError, DataError, ResumeError) as err:
+            return fail(str(err))
+        return trainer.run()
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
