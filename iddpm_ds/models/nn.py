@@ -63,7 +63,8 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding(timesteps: torch.Tensor, dim: int,
+                       max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding [N, dim] (float32) of (possibly fractional) timesteps [N].
 
     Frequencies exp(-ln(max_period) * i / half) for i < half = dim // 2; the embedding

@@ -201,7 +201,8 @@ class UNetModel(nn.Module):
         self.dropout, self.channel_mult = dropout, tuple(channel_mult)
         self.conv_resample, self.dims, self.num_classes = conv_resample, dims, num_classes
         self.use_checkpoint, self.num_heads = use_checkpoint, num_heads
-        self.num_heads_upsample, self.use_scale_shift_norm = num_heads_upsample, use_scale_shift_norm
+        self.num_heads_upsample = num_heads_upsample
+        self.use_scale_shift_norm = use_scale_shift_norm
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
@@ -305,7 +306,8 @@ class SuperResModel(UNetModel):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor,
                 low_res: Optional[torch.Tensor] = None, **kwargs: torch.Tensor) -> torch.Tensor:
         if low_res is None:
-            raise ValueError("SuperResModel needs low_res (the low-resolution image) in model_kwargs")
+            raise ValueError("SuperResModel needs low_res (the low-resolution image) "
+                             "in model_kwargs")
         upsampled = F.interpolate(low_res.to(x.dtype), size=tuple(x.shape[2:]),
                                   mode="bilinear", align_corners=False)  # [N, C_lr, H, W]
         return super().forward(torch.cat([x, upsampled], dim=1), timesteps, **kwargs)
