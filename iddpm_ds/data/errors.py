@@ -1,0 +1,22 @@
+"""Errors the data module raises before training starts (one clear message each)."""
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """The data source cannot be used; the message says why and what to do."""
+
+
+class EmptySourceError(DataError):
+    """The shard pattern, list or index resolves to no shards, or to no samples."""
+
+
+class ShardNotFoundError(DataError, FileNotFoundError):
+    """Local shard or index files are missing (a FileNotFoundError too)."""
+
+
+class PipeNotAllowedError(DataError):
+    """A `pipe:`, http(s) or s3 url was given but the spec does not set allow_pipe."""
+
+
+class AllCorruptError(DataError):
+    """No shard yields a single decodable sample."""

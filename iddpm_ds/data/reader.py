@@ -1,0 +1,352 @@
+"""Streaming readers: the endless training stream and the finite evaluation stream.
+
+The main process plans nothing per step: each loader worker computes its own share of
+each epoch from the integers in `_Config` (see position.py), reads its shard pieces
+front to back, shuffles through a bounded buffer and yields whole batches. The DataLoader
+takes batches from the workers in round robin, which is exactly the order the plan
+assigns, so the main process only checks and counts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .. import dist
+from ..spec.data import DataSpec
+from .errors import AllCorruptError, DataError
+from .position import (Layout, RankPlan, full_pool, make_state, merge_states, pool_size,
+                       replay, shard_order, shard_pieces, _rng)
+from .preprocess import to_model_range
+from .samples import BatchFiller, CorruptSample, RawSample, decode_sample, read_pieces
+from .sources import ShardList, open_url, resolve
+from .tario import TarReader
+
+PROBE_SAMPLES_PER_SHARD = 16
+PROBE_SHARDS = 64
+
+
+@dataclass(frozen=True)
+class _Config:
+    """Everything a loader worker needs (pickled into each worker)."""
+
+    shards: ShardList
+    image_size: int
+    class_cond: bool
+    batch_size: int
+    rank: int
+    world_size: int
+    workers: int
+    seed: int
+    shuffle_shards: bool
+    shuffle_buffer: int
+    random_flip: bool
+    fallback: tuple[np.ndarray, int]
+
+    def layout(self, worker_offset: int, segment: int) -> Layout:
+        return Layout(self.world_size, self.workers, self.batch_size, self.shuffle_buffer,
+                      worker_offset, segment)
+
+
+def _worker_id() -> int:
+    info = get_worker_info()
+    return info.id if info is not None else 0
+
+
+def _pack(images: np.ndarray, labels: np.ndarray, meta: Sequence[int], valid: np.ndarray) -> tuple:
+    x = to_model_range(torch.from_numpy(images))  # [N, 3, H, W] float32
+    return x, torch.from_numpy(labels), torch.tensor(meta, dtype=torch.int64), torch.from_numpy(valid)
+
+
+class _TrainDataset(IterableDataset):
+    """Endless batches of one rank; each worker serves its planned share of each epoch."""
+
+    def __init__(self, cfg: _Config, epoch: int, pool: np.ndarray, segment: int):
+        super().__init__()
+        self.cfg, self.epoch, self.pool, self.segment = cfg, epoch, pool, segment
+
+    def __iter__(self) -> Iterator[tuple]:
+        cfg, worker = self.cfg, _worker_id()
+        filler = BatchFiller(cfg.image_size, cfg.class_cond, cfg.fallback)
+        epoch, pool, segment, served = self.epoch, self.pool, self.segment, 0
+        while True:
+            plan = RankPlan(pool, cfg.layout(served % cfg.workers, segment), cfg.rank, cfg.seed, epoch)
+            yield from self._serve(plan, worker, filler)
+            served += plan.batches
+            epoch, pool, segment = epoch + 1, full_pool(cfg.shards.total), 0
+
+    def _serve(self, plan: RankPlan, worker: int, filler: BatchFiller) -> Iterator[tuple]:
+        cfg, bsz = self.cfg, self.cfg.batch_size
+        order = shard_order(len(cfg.shards.urls), cfg.seed, plan.epoch, cfg.shuffle_shards)
+        pieces = shard_pieces(plan.worker_ranges(worker), order, cfg.shards.counts)
+        ahead = _Lookahead(read_pieces(pieces, cfg.shards.urls, cfg.shards.names))
+        serve_order = plan.worker_order(worker)
+        flips = _rng(cfg.seed, plan.epoch, plan.layout.segment + 1, cfg.rank, worker, 2).random(
+            serve_order.size) < 0.5
+        first = (worker - plan.layout.worker_offset) % cfg.workers
+        for j in range(plan.counts[worker]):
+            picked = [ahead.get(t) for t in serve_order[j * bsz:(j + 1) * bsz].tolist()]
+            images = np.empty((bsz, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+            labels = np.zeros(bsz, dtype=np.int64)
+            valid = np.zeros(bsz, dtype=bool)
+            corrupt = filler.fill(picked, images, labels, valid)
+            if cfg.random_flip:
+                flip = flips[j * bsz:(j + 1) * bsz]
+                images[flip] = images[flip, :, ::-1]
+            yield _pack(images, labels, (plan.epoch, first + j * cfg.workers, corrupt), valid)
+
+
+class _Lookahead:
+    """Samples read in order, handed out in any order; holds only those read ahead."""
+
+    def __init__(self, raws: Iterator[RawSample]):
+        self.raws, self.held, self.read = raws, {}, 0
+
+    def get(self, wanted: int) -> RawSample:
+        while wanted not in self.held:
+            self.held[self.read] = next(self.raws)
+            self.read += 1
+        return self.held.pop(wanted)
+
+
+class TrainStream:
+    """Endless training batches of one rank; see `build_train_stream`."""
+
+    def __init__(self, cfg: _Config, spec: DataSpec):
+        self._cfg, self._spec = cfg, spec
+        self.batches_per_epoch = cfg.shards.total // (cfg.world_size * cfg.batch_size)
+        """Batches each rank yields in a full epoch (identical on every rank)."""
+        self.class_names = cfg.shards.class_names
+        self._epoch, self._history, self._pool = 0, [], full_pool(cfg.shards.total)
+        self._done, self._served, self._corrupt, self._samples = 0, 0, 0, 0
+        self._epoch_batches = self.batches_per_epoch
+        self._loader_iter: Any = None
+        self._gen: Iterator | None = None
+
+    @property
+    def batches_left_in_epoch(self) -> int:
+        return self._epoch_batches - self._done
+
+    def load_state_dict(self, rank_states: Sequence[dict]) -> None:
+        """Resume from the data states of ALL ranks of a checkpoint (any world size).
+
+        The samples those ranks had consumed in the saved epoch are removed from it; the
+        rest of the epoch is re-split over this run's ranks. Call before iterating.
+        """
+        if self._gen is not None:
+            raise RuntimeError("load_state_dict must be called before iterating the stream")
+        cfg = self._cfg
+        epoch, history = merge_states(rank_states, cfg.shards.fingerprint(), cfg.seed)
+        self._epoch, self._history = epoch, history
+        self._pool = replay(cfg.shards.total, history, cfg.seed, epoch)
+        self._done, self._served = 0, 0
+        self._epoch_batches = pool_size(self._pool) // (cfg.world_size * cfg.batch_size)
+        dist.log0("data_resume", epoch=epoch, segments=len(history),
+                  samples_left=pool_size(self._pool), batches_left=self._epoch_batches)
+        self._skip_empty_epoch()
+
+    def state_dict(self) -> dict:
+        """This rank's position after the last batch it yielded (plain JSON types)."""
+        cfg = self._cfg
+        layout = cfg.layout(self._served % cfg.workers, len(self._history))
+        return make_state(cfg.shards.fingerprint(), cfg.seed, self._epoch, list(self._history),
+                          layout, cfg.rank, self._done)
+
+    def stats(self) -> dict:
+        return {"epoch": self._epoch, "batches_in_epoch": self._done,
+                "batches_per_epoch": self.batches_per_epoch, "samples": self._samples,
+                "corrupt_samples": self._corrupt}
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict]]:
+        if self._gen is None:
+            self._gen = self._batches()
+        return self._gen
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, dict]]:
+        cfg, spec = self._cfg, self._spec
+        dataset = _TrainDataset(cfg, self._epoch, self._pool, len(self._history))
+        loader = DataLoader(dataset, batch_size=None, num_workers=spec.num_workers,
+                            prefetch_factor=spec.prefetch_factor if spec.num_workers else None,
+                            pin_memory=dist.has_gpu())
+        self._loader_iter = iter(loader)
+        for x, y, meta, _ in self._loader_iter:
+            self._advance(meta.tolist(), x.shape[0])
+            yield x, ({"y": y} if cfg.class_cond else {})
+
+    def _advance(self, meta: list[int], size: int) -> None:
+        epoch, index, corrupt = meta
+        if (epoch, index) != (self._epoch, self._done):  # would break the data position
+            raise RuntimeError(f"data batches out of order: got epoch {epoch} batch {index}, "
+                               f"expected epoch {self._epoch} batch {self._done}")
+        self._done += 1
+        self._corrupt += corrupt
+        self._samples += size
+        if self._done == self._epoch_batches:
+            self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        self._served += self._epoch_batches
+        self._epoch, self._history, self._done = self._epoch + 1, [], 0
+        self._pool = full_pool(self._cfg.shards.total)
+        self._epoch_batches = self.batches_per_epoch
+
+    def _skip_empty_epoch(self) -> None:
+        """A resumed epoch with less than one global batch left is over (drop_last)."""
+        if self._epoch_batches == 0:
+            self._end_epoch()
+
+    def close(self) -> None:
+        """Stop the loader workers."""
+        if self._loader_iter is not None and hasattr(self._loader_iter, "_shutdown_workers"):
+            self._loader_iter._shutdown_workers()
+        self._loader_iter = None
+        if self._gen is not None:
+            self._gen.close()
+
+
+def _probe(shards: ShardList, image_size: int, class_cond: bool) -> tuple[np.ndarray, int]:
+    """First usable sample of the source; raises AllCorruptError when none is found.
+
+    Tries up to PROBE_SAMPLES_PER_SHARD samples in each of the first PROBE_SHARDS
+    non-empty shards, so a healthy source costs one decode.
+    """
+    reasons = []
+    tried = [i for i, n in enumerate(shards.counts) if n > 0][:PROBE_SHARDS]
+    for shard in tried:
+        pieces = [(shard, 0, min(shards.counts[shard], PROBE_SAMPLES_PER_SHARD))]
+        for raw in read_pieces(pieces, shards.urls, shards.names):
+            try:
+                if raw.fields is None:
+                    raise CorruptSample(raw.problem)
+                return decode_sample(raw.fields, image_size, class_cond)
+            except CorruptSample as err:
+                reasons.append(f"{raw.shard} #{raw.index}: {err}")
+    raise AllCorruptError(f"no usable sample in the first samples of {len(tried)} shards "
+                          f"(e.g. {reasons[0] if reasons else 'none'}); check the shards and "
+                          f"their format (image field png/jpg/jpeg/gif, label field cls)")
+
+
+def build_train_stream(spec: DataSpec, *, image_size: int, class_cond: bool, batch_size: int,
+                       rank: int, world_size: int, seed: int) -> TrainStream:
+    """The endless training stream of this rank; raises a DataError before training starts
+    when the source is empty, missing, all corrupt or smaller than one global batch."""
+    shards = resolve(spec.shards, spec.allow_pipe, split="train")
+    if shards.total < world_size * batch_size:
+        raise DataError(f"{shards.total} training samples cannot fill one global batch of "
+                        f"{world_size} ranks x {batch_size}")
+    _warn_size(shards, image_size)
+    cfg = _Config(shards, image_size, class_cond, batch_size, rank, world_size,
+                  max(1, spec.num_workers), seed, spec.shuffle_shards, spec.shuffle_buffer,
+                  spec.random_flip, _probe(shards, image_size, class_cond))
+    dist.log0("data_train", shards=len(shards.urls), samples=shards.total,
+              batches_per_epoch=shards.total // (world_size * batch_size))
+    return TrainStream(cfg, spec)
+
+
+def _warn_size(shards: ShardList, image_size: int) -> None:
+    if shards.image_size is not None and shards.image_size != image_size:
+        dist.log0("data_image_size_mismatch", stored=shards.image_size, wanted=image_size,
+                  note="the shards were resized at writing time; resizing again is not the "
+                       "reference preprocessing of the originals")
+
+
+class _EvalDataset(IterableDataset):
+    """One pass over samples [start, stop) of the canonical order, in batches of B."""
+
+    def __init__(self, cfg: _Config, start: int, stop: int):
+        super().__init__()
+        self.cfg, self.start, self.stop = cfg, start, stop
+
+    def __iter__(self) -> Iterator[tuple]:
+        cfg, worker, bsz = self.cfg, _worker_id(), self.cfg.batch_size
+        counts = _eval_worker_counts(self.stop - self.start, bsz, cfg.workers)
+        first = self.start + sum(counts[:worker]) * bsz
+        last = min(first + counts[worker] * bsz, self.stop)
+        order = np.arange(len(cfg.shards.urls))
+        pieces = shard_pieces(np.array([[first, last]], dtype=np.int64), order, cfg.shards.counts)
+        raws = read_pieces(pieces, cfg.shards.urls, cfg.shards.names)
+        filler = BatchFiller(cfg.image_size, cfg.class_cond, cfg.fallback)
+        for j, begin in enumerate(range(first, last, bsz)):
+            picked = [next(raws) for _ in range(min(bsz, last - begin))]
+            images = np.empty((len(picked), cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+            labels = np.zeros(len(picked), dtype=np.int64)
+            valid = np.zeros(len(picked), dtype=bool)
+            corrupt = filler.fill(picked, images, labels, valid)
+            yield _pack(images, labels, (0, worker + j * cfg.workers, corrupt), valid)
+
+
+def _eval_worker_counts(samples: int, batch_size: int, workers: int) -> list[int]:
+    batches = math.ceil(samples / batch_size)
+    return [max(0, (batches - w + workers - 1) // workers) for w in range(workers)]
+
+
+class EvalStream:
+    """One finite pass over the held-out shards; see `build_eval_stream`."""
+
+    def __init__(self, cfg: _Config, spec: DataSpec, start: int, stop: int, total: int):
+        self._cfg, self._spec, self._start, self._stop = cfg, spec, start, stop
+        bsz, world = cfg.batch_size, cfg.world_size
+        self.total = total
+        """Held-out samples served across all ranks."""
+        self.num_samples = stop - start
+        """Samples this rank serves."""
+        self.batches = math.ceil(self.num_samples / bsz)
+        """Batches this rank yields (ranks may differ by one)."""
+        self.max_batches = max(math.ceil(((r + 1) * total // world - r * total // world) / bsz)
+                               for r in range(world))
+        """The largest per-rank batch count: the same on every rank (see `padded`)."""
+        self.corrupt_samples = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, dict]]:
+        for x, cond, _ in self._iterate():
+            yield x, cond
+
+    def padded(self) -> Iterator[tuple[torch.Tensor, dict, torch.Tensor]]:
+        """Exactly `max_batches` batches (x, cond, mask) on every rank, for loops that run a
+        collective per batch: mask [N] bool is False for padding and for corrupt samples'
+        replacements; padding batches repeat the probe sample with mask all False."""
+        done = 0
+        for batch in self._iterate():
+            done += 1
+            yield batch
+        image, label = self._cfg.fallback
+        for _ in range(self.max_batches - done):
+            x, y, _, _ = _pack(image[None].copy(), np.array([label], dtype=np.int64), (0, 0, 0),
+                               np.zeros(1, dtype=bool))
+            yield x, self._cond(y), torch.zeros(1, dtype=torch.bool)
+
+    def _cond(self, y: torch.Tensor) -> dict:
+        return {"y": y} if self._cfg.class_cond else {}
+
+    def _iterate(self) -> Iterator[tuple[torch.Tensor, dict, torch.Tensor]]:
+        if self.num_samples == 0:
+            return
+        spec = self._spec
+        workers = min(self._cfg.workers, self.batches) if spec.num_workers else 0
+        cfg = _Config(**{**self._cfg.__dict__, "workers": max(1, workers)})
+        loader = DataLoader(_EvalDataset(cfg, self._start, self._stop), batch_size=None,
+                            num_workers=workers, prefetch_factor=spec.prefetch_factor if workers else None,
+                            pin_memory=dist.has_gpu())
+        for x, y, meta, valid in loader:
+            self.corrupt_samples += int(meta[2])
+            yield x, self._cond(y), valid
+
+
+def build_eval_stream(spec: DataSpec, *, image_size: int, class_cond: bool, batch_size: int,
+                      rank: int, world_size: int, num_samples: int | None = None) -> EvalStream:
+    """One pass over spec.eval_shards (the first num_samples of them in canonical order);
+    each held-out sample is served by exactly one rank (contiguous rank ranges)."""
+    if spec.eval_shards is None:
+        raise DataError("data.eval_shards is not set")
+    shards = resolve(spec.eval_shards, spec.allow_pipe, split="eval")
+    total = shards.total if num_samples is None else min(num_samples, shards.total)
+    if num_samples is not None and num_samples > shards.total:
+        dist.log0("data_eval_short", asked=num_samples, available=shards.total)
+    cfg = _Config(shards, image_size, class_cond, batch_size, rank, world_size,
+                  max(1, spec.num_workers), 0, False, 0, False, _probe(shards, image_size, class_cond))
+    start, stop = rank * total // world_size, (rank + 1) * total // world_size
+    return EvalStream(cfg, spec, start, stop, total)

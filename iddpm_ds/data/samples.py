@@ -1,0 +1,114 @@
+"""Worker-side sample handling: read planned shard pieces, decode, replace corrupt input.
+
+Corrupt input never changes a batch's size: a sample that cannot be read (truncated
+tar, unreadable shard), decoded (bad image bytes, no image field) or labelled (missing
+or non-integer `cls` with class_cond) is logged with shard and key, counted, and its
+slot is filled with the last good sample this worker produced (before the first one:
+the pre-flight probe sample). So batch counts stay equal on every rank and the data
+position stays exact; the only duplicates an epoch can contain are these replacements.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .. import dist
+from .preprocess import DECODABLE_EXTENSIONS, IMAGE_EXTENSIONS, preprocess_bytes
+from .sources import open_url
+from .tario import TarReader
+
+LABEL_FIELD = "cls"
+"""Sample field holding the integer class label as text (the WebDataset convention)."""
+
+
+class CorruptSample(Exception):
+    """One sample cannot be used; the message is the reason."""
+
+
+@dataclass
+class RawSample:
+    """One planned sample as read from its shard (fields None when it could not be read)."""
+
+    shard: str
+    index: int
+    key: str | None
+    fields: dict[str, bytes] | None
+    problem: str = ""
+
+
+def decode_sample(fields: dict[str, bytes], image_size: int, class_cond: bool) -> tuple[np.ndarray, int]:
+    """Fields of one sample -> (uint8 [H, W, 3], label); raises CorruptSample."""
+    name = next((e for e in IMAGE_EXTENSIONS if e in fields), None)
+    name = name or next((e for e in DECODABLE_EXTENSIONS if e in fields), None)
+    if name is None:
+        raise CorruptSample(f"no image field (fields: {sorted(fields)})")
+    label = 0
+    if class_cond:
+        if LABEL_FIELD not in fields:
+            raise CorruptSample("missing label (no 'cls' field)")
+        try:
+            label = int(fields[LABEL_FIELD].decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise CorruptSample(f"label {fields[LABEL_FIELD][:20]!r} is not an integer") from None
+    try:
+        return preprocess_bytes(fields[name], image_size), label
+    except Exception as err:  # PIL raises many types for bad bytes; any of them means corrupt
+        raise CorruptSample(f"undecodable image ({type(err).__name__}: {err})") from None
+
+
+def read_pieces(pieces: Sequence[tuple[int, int, int]], urls: Sequence[str],
+                names: Sequence[str]) -> Iterator[RawSample]:
+    """One RawSample per planned (shard, start, stop) sample, in order, whatever happens.
+
+    A shard that fails to open, ends early or is damaged yields placeholder samples for
+    the rest of its piece, so positions never shift; one log line per damaged piece.
+    """
+    for shard, start, stop in pieces:
+        index, problem = start, ""
+        try:
+            fh, seekable = open_url(urls[shard])
+            try:
+                for key, fields in TarReader(fh, seekable).samples(start, stop):
+                    yield RawSample(names[shard], index, key, fields)
+                    index += 1
+            finally:
+                fh.close()
+            if index < stop:
+                problem = "shard ended early"
+        except Exception as err:  # noqa: BLE001 - any read failure must not stop training
+            problem = f"shard unreadable ({type(err).__name__}: {err})"
+        if index < stop:
+            dist.log("data_shard_damaged", shard=names[shard], first_sample=index,
+                     missing=stop - index, reason=problem)
+            for missing in range(index, stop):
+                yield RawSample(names[shard], missing, None, None, problem)
+
+
+class BatchFiller:
+    """Decodes planned samples into a batch, replacing corrupt ones (see module doc)."""
+
+    def __init__(self, image_size: int, class_cond: bool, fallback: tuple[np.ndarray, int]):
+        self.image_size, self.class_cond = image_size, class_cond
+        self.last_good = fallback
+
+    def fill(self, raws: Sequence[RawSample], images: np.ndarray, labels: np.ndarray,
+             valid: np.ndarray) -> int:
+        """Decode raws into images[i] ([N, H, W, 3] uint8) and labels[i]; returns #corrupt."""
+        corrupt = 0
+        for i, raw in enumerate(raws):
+            try:
+                if raw.fields is None:
+                    raise CorruptSample(raw.problem or "sample missing")
+                images[i], labels[i] = self.last_good = decode_sample(
+                    raw.fields, self.image_size, self.class_cond)
+                valid[i] = True
+            except CorruptSample as err:
+                if raw.fields is not None:  # missing ones were logged once per shard piece
+                    dist.log("data_corrupt_sample", shard=raw.shard, key=raw.key,
+                             sample=raw.index, reason=str(err))
+                images[i], labels[i] = self.last_good
+                valid[i] = False
+                corrupt += 1
+        return corrupt

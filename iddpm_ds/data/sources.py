@@ -1,0 +1,189 @@
+"""Shard sources: patterns, lists and index files -> an exact list of (url, sample count).
+
+Every rank resolves the same source to the same `ShardList` without talking to the
+others, so all of them can plan an epoch identically. Counts come from the index file
+(written by `iddpm-shards`); local shards without an index are counted by reading
+their tar headers; remote shards need an index.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Sequence
+from urllib.parse import unquote, urlparse
+
+from braceexpand import braceexpand
+
+from .errors import EmptySourceError, PipeNotAllowedError, ShardNotFoundError
+from .tario import count_samples
+
+INDEX_FORMAT = "iddpm_ds-shards-v1"
+"""Value of the "format" key of index files written by `iddpm-shards`."""
+INDEX_NAME = "index.json"
+"""File name of the index the writer puts next to its shards."""
+_READ_BUFFER = 1 << 20
+
+
+@dataclass(frozen=True)
+class ShardList:
+    """The resolved shards of one split, in canonical order, with exact sample counts."""
+
+    urls: tuple[str, ...]
+    """Openable urls: local paths or `pipe:` commands."""
+    counts: tuple[int, ...]
+    """Samples in each shard."""
+    class_names: tuple[str, ...] | None = None
+    """Class names by label id, when an index provides them."""
+    image_size: int | None = None
+    """Side of the stored images when the writer resized them (None: original sizes)."""
+    names: tuple[str, ...] = field(default=())
+    """Urls as the user wrote them (for messages and logs)."""
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def fingerprint(self) -> str:
+        """Hash of names and counts: a saved data position only applies to the same list."""
+        text = json.dumps([list(self.names or self.urls), list(self.counts)])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith(("pipe:", "http://", "https://", "s3://"))
+
+
+def openable_url(url: str, allow_pipe: bool) -> str:
+    """Local path for local/`file:` urls; a `pipe:` command for pipe, http(s) and s3 urls.
+
+    `pipe:` runs a shell command, so it (and the remote schemes that need one) is
+    refused unless the spec opts in with allow_pipe.
+    """
+    scheme = urlparse(url).scheme
+    if url.startswith("file:"):
+        return unquote(urlparse(url).path)
+    if not is_remote(url):
+        if scheme and len(scheme) > 1:  # one letter: a Windows drive, not a scheme
+            raise EmptySourceError(f"unsupported shard url scheme {scheme!r} in {url!r}; use a "
+                                   "local path, file:, pipe:, http(s):// or s3://")
+        return url
+    if not allow_pipe:
+        raise PipeNotAllowedError(
+            f"shard url {url!r} needs a shell command (pipe:); set data.allow_pipe: true to "
+            "allow the spec to run commands")
+    if url.startswith("pipe:"):
+        return url
+    if url.startswith("s3://"):
+        return f"pipe:aws s3 cp --quiet {shlex.quote(url)} -"
+    return f"pipe:curl --silent --show-error --fail --location {shlex.quote(url)}"
+
+
+def open_url(url: str) -> tuple[BinaryIO, bool]:
+    """Open an openable url for reading -> (file object, seekable)."""
+    if url.startswith("pipe:"):
+        from webdataset.gopen import gopen  # runs the command; checks its exit status on close
+
+        return gopen(url, "rb"), False
+    return open(url, "rb", buffering=_READ_BUFFER), True
+
+
+def expand(source: str | Sequence[str]) -> list[str]:
+    """Brace-expand a pattern or each entry of a list; order preserved, duplicates kept."""
+    items = [source] if isinstance(source, str) else list(source)
+    return [url for item in items for url in braceexpand(item)]
+
+
+def is_index(source: str | Sequence[str]) -> bool:
+    return isinstance(source, str) and source.split("#", 1)[0].endswith(".json")
+
+
+def resolve(source: str | Sequence[str], allow_pipe: bool, split: str) -> ShardList:
+    """Resolve a spec's shard source to a checked ShardList (raises DataError subclasses).
+
+    `split` picks the split of an index file without a "#split" suffix.
+    """
+    if is_index(source):
+        shards = load_index(source, split, allow_pipe)
+    else:
+        names = expand(source)
+        if not names:
+            raise EmptySourceError(f"shard source {source!r} expands to no shards")
+        urls = [openable_url(name, allow_pipe) for name in names]
+        _check_local_exist(urls, names)
+        counts = _sibling_index_counts(urls) or [_count(url, name) for url, name in zip(urls, names)]
+        shards = ShardList(tuple(urls), tuple(counts), names=tuple(names))
+    if shards.total == 0:
+        raise EmptySourceError(f"shard source {source!r} holds {len(shards.urls)} shards but no samples")
+    return shards
+
+
+def _check_local_exist(urls: Sequence[str], names: Sequence[str]) -> None:
+    missing = [name for url, name in zip(urls, names) if not is_remote(url) and not os.path.isfile(url)]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise ShardNotFoundError(f"{len(missing)} of {len(urls)} shard files are missing: "
+                                 f"{', '.join(missing[:3])}{more}")
+
+
+def _count(url: str, name: str) -> int:
+    if is_remote(url):
+        raise EmptySourceError(
+            f"remote shard {name!r} has no known sample count: pass the index file written by "
+            "iddpm-shards (or `iddpm-shards index`) instead of a pattern")
+    with open(url, "rb", buffering=_READ_BUFFER) as fh:
+        # A damaged archive counts the samples before the damage; reading logs the rest.
+        return count_samples(fh, seekable=True, strict=False)
+
+
+def _sibling_index_counts(urls: Sequence[str]) -> list[int] | None:
+    """Counts from an index.json next to local shards that lists all of them, if any."""
+    if any(is_remote(url) for url in urls):
+        return None
+    folders = {os.path.dirname(os.path.abspath(url)) for url in urls}
+    if len(folders) != 1:
+        return None
+    path = Path(folders.pop()) / INDEX_NAME
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text())
+        known = {os.path.abspath(path.parent / s["url"]): int(s["samples"])
+                 for part in index["splits"].values() for s in part["shards"]}
+        return [known[os.path.abspath(url)] for url in urls]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def load_index(source: str, split: str, allow_pipe: bool) -> ShardList:
+    """Read an index file ("path.json" or "path.json#split"); shard urls relative to it."""
+    path_text, _, wanted = source.partition("#")
+    path = Path(openable_url(path_text, allow_pipe=False))
+    if not path.is_file():
+        raise ShardNotFoundError(f"index file {path_text!r} does not exist (write one with iddpm-shards)")
+    try:
+        index = json.loads(path.read_text())
+        splits = index["splits"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise EmptySourceError(f"{path_text!r} is not an iddpm-shards index: {err}") from err
+    name = wanted or (split if split in splits else next(iter(splits)) if len(splits) == 1 else split)
+    if name not in splits:
+        raise EmptySourceError(f"index {path_text!r} has no split {name!r} (splits: {sorted(splits)})")
+    entries = splits[name]["shards"]
+    if not entries:
+        raise EmptySourceError(f"split {name!r} of index {path_text!r} lists no shards")
+    names = [_join(path.parent, e["url"]) for e in entries]
+    urls = [openable_url(n, allow_pipe) for n in names]
+    _check_local_exist(urls, names)
+    classes = index.get("class_names")
+    return ShardList(tuple(urls), tuple(int(e["samples"]) for e in entries),
+                     tuple(classes) if classes else None, index.get("image_size"), tuple(names))
+
+
+def _join(folder: Path, url: str) -> str:
+    if is_remote(url) or url.startswith("file:") or os.path.isabs(url):
+        return url
+    return str(folder / url)

@@ -1,0 +1,62 @@
+"""DataSpec: where the training and held-out shards are and how they are streamed.
+
+Image size, class conditioning, batch size and seed are not here: they come from the
+model, train and run sections and are passed to the data builders as arguments.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import Spec
+
+_PIPE_PREFIXES = ("pipe:", "http://", "https://", "s3://")
+
+ShardSource = Union[str, list[str]]
+
+
+class DataSpec(Spec):
+    """WebDataset tar shards (written by `iddpm-shards`) and the streaming reader's settings."""
+
+    shards: ShardSource = "data/digits/index.json"
+    """Training shards: an index file written by iddpm-shards ("dir/index.json", or
+    "dir/index.json#train" to name the split), a brace pattern ("dir/train-{000000..000099}.tar"),
+    or a list of those. Local paths, file:, and (with allow_pipe) pipe:, http(s):// and s3://."""
+    eval_shards: Optional[ShardSource] = None
+    """Held-out shards, same forms as `shards`; an index file without "#split" picks its "eval" split."""
+    shuffle_shards: bool = True
+    """Shuffle the shard order each epoch (seeded by seed and epoch; the same on every rank)."""
+    shuffle_buffer: int = Field(1000, ge=0)
+    """Samples held by each loader worker's shuffle buffer (0 or 1: no sample shuffle)."""
+    num_workers: int = Field(2, ge=0)
+    """DataLoader worker processes per rank (0: decode in the training process); raise it
+    (4-8) on GPU nodes with many cores."""
+    prefetch_factor: int = Field(2, ge=1)
+    """Batches each worker prepares ahead."""
+    random_flip: bool = False
+    """Random horizontal flip (guided-diffusion's option; the reference has none)."""
+    allow_pipe: bool = False
+    """Allow shard urls that run shell commands: pipe:, and http(s):// / s3:// (run as
+    `pipe:curl ...` / `pipe:aws s3 cp ...`). Off by default because a spec must not run commands unasked."""
+
+    @field_validator("shards", "eval_shards")
+    @classmethod
+    def _non_empty(cls, value: Optional[ShardSource]) -> Optional[ShardSource]:
+        if value is None:
+            return value
+        items = [value] if isinstance(value, str) else value
+        if not items or any(not isinstance(v, str) or not v.strip() for v in items):
+            raise ValueError("a shard source must be a non-empty pattern, index path or list of them")
+        return value
+
+    @model_validator(mode="after")
+    def _pipe_opt_in(self) -> "DataSpec":
+        if not self.allow_pipe:
+            for source in (self.shards, self.eval_shards):
+                items = [source] if isinstance(source, str) else (source or [])
+                bad = [v for v in items if v.startswith(_PIPE_PREFIXES)]
+                if bad:
+                    raise ValueError(f"shard url {bad[0]!r} runs a shell command; set allow_pipe: true "
+                                     "to allow it")
+        return self
