@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Sample images from a trained model (DDPM or DDIM), split across ranks, into one .npz.
+
+    iddpm-sample --run runs/demo --num-samples 64 --respacing ddim50
+    iddpm-sample --run runs/demo --step 20000 --weights model --respacing 250 --seed 3
+    iddpm-sample --checkpoint ema_0.9999_500000.pt --num-samples 16 \\
+        --model-flags "--image_size 64 --num_channels 128 --num_res_blocks 3 --learn_sigma True" \\
+        --model-flags "--diffusion_steps 4000 --noise_schedule cosine" --respacing 100
+    deepspeed --num_gpus 8 launch/sample.py --run runs/demo --num-samples 50000 --batch-size 64
+    torchrun --nproc_per_node 8 launch/sample.py ...   |   srun python launch/sample.py ...
+
+Weights: a run dir's newest complete checkpoint (or --step), EMA (--ema-rate, default the
+job's first rate) or raw (--weights model); or a plain state-dict file (--checkpoint, the
+reference's files too) with the spec from --job or --model-flags (a file inside a run's
+checkpoint needs neither). The same --seed gives the same images on any number of ranks.
+
+Writes samples_NxHxWx3.npz (arr_0 uint8 [N, H, W, 3], arr_1 int64 labels when
+class-conditional: the reference layout) and a PNG grid of the first images next to it;
+prints one JSON line with paths and img/s. Exit status 2 on bad input (one message).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="run directory (its checkpoints/ and job spec)")
+    source.add_argument("--checkpoint", type=Path, help="plain state-dict .pt (reference or ours)")
+    parser.add_argument("--step", type=int, help="with --run: checkpoint step (default: latest complete)")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
+                        help="with --run: EMA weights (default) or the raw model weights")
+    parser.add_argument("--ema-rate", type=float, help="with --run: EMA rate (default: the job's first)")
+    parser.add_argument("--job", type=Path, help="job YAML whose model/diffusion sections describe the weights")
+    parser.add_argument("--model-flags", nargs="+", action="extend", default=[], metavar="FLAGS",
+                        help='reference flags: "--image_size 64 --learn_sigma True" or image_size=64 ...')
+    parser.add_argument("--num-samples", type=int, default=16, help="images over all ranks (default 16)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass per rank")
+    parser.add_argument("--respacing", help='"250", "10,10,10", "ddim50"; default: the spec\'s (all steps)')
+    parser.add_argument("--sampler", choices=("auto", "ddpm", "ddim"), default="auto",
+                        help="auto: DDIM when the respacing starts with 'ddim', else DDPM")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0: deterministic)")
+    parser.add_argument("--class-labels", help="comma list cycled over the images (default: random)")
+    parser.add_argument("--no-clip", action="store_true", help="do not clip predicted x_0 to [-1, 1]")
+    parser.add_argument("--seed", type=int, default=0, help="fixes every image (with its index)")
+    parser.add_argument("--out", type=Path, help="output folder, or a path ending in .npz")
+    parser.add_argument("--grid-count", type=int, default=64, help="images in the PNG grid")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.run is None and (args.step is not None or args.ema_rate is not None):
+        parser.error("--step and --ema-rate need --run")
+    if args.job and args.model_flags:
+        parser.error("give the model spec with --job or with --model-flags, not both")
+    return args
+
+
+def fail(message: str) -> int:
+    from iddpm_ds import dist
+
+    if dist.is_main():
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
+
+
+def parse_labels(text: str | None) -> tuple[int, ...] | None:
+    from iddpm_ds.sampling import SamplingError
+
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SamplingError(f"--class-labels must be comma-separated integers, got {text!r}") from None
+
+
+def load(args: argparse.Namespace, device):
+    """The model with its specs, from --run or --checkpoint (+ --job / --model-flags)."""
+    from iddpm_ds import sampling
+
+    specs = (None, None)
+    if args.job:
+        specs = sampling.specs_from_job_file(args.job)
+    elif args.model_flags:
+        specs = sampling.specs_from_reference_flags(args.model_flags)
+    if args.run:
+        return sampling.load_from_run(args.run, step=args.step, weights=args.weights,
+                                      ema_rate=args.ema_rate, model_spec=specs[0],
+                                      diffusion_spec=specs[1], device=device)
+    return sampling.load_from_file(args.checkpoint, specs[0], specs[1], device=device)
+
+
+def default_out(args: argparse.Namespace, loaded, respacing: str, sampler: str) -> Path:
+    step = f"_{loaded.step:06d}" if loaded.step is not None else ""
+    name = f"{loaded.weights}{step}_{respacing or 'full'}_{sampler}_seed{args.seed}".replace(",", "-")
+    base = args.run / "samples" if args.run else Path("samples")
+    return base / name
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from iddpm_ds import dist
+
+    dist.init()
+    try:
+        return run(args)
+    finally:
+        dist.shutdown()
+
+
+def run(args: argparse.Namespace) -> int:
+    from iddpm_ds import dist
+    from iddpm_ds.sampling import SampleOptions, SamplingError, check_labels, respaced, sample, write_samples
+
+    try:
+        loaded = load(args, dist.device())
+        diffusion = respaced(loaded.diffusion_spec, args.respacing)
+        respacing = args.respacing if args.respacing is not None else loaded.diffusion_spec.timestep_respacing
+        use_ddim = args.sampler == "ddim" or (args.sampler == "auto" and respacing.startswith("ddim"))
+        opts = SampleOptions(num_samples=args.num_samples, batch_size=args.batch_size,
+                             use_ddim=use_ddim, eta=args.eta, clip_denoised=not args.no_clip,
+                             seed=args.seed, class_labels=parse_labels(args.class_labels),
+                             progress=not args.no_progress)
+        check_labels(loaded.model_spec, opts.class_labels)
+    except (SamplingError, OSError) as err:
+        return fail(str(err))
+    sampler = "ddim" if use_ddim else "ddpm"
+    dist.log0("sampling_start", source=str(loaded.source), weights=loaded.weights, step=loaded.step,
+              respacing=respacing, steps=diffusion.num_timesteps, sampler=sampler, eta=opts.eta,
+              num_samples=opts.num_samples, world_size=dist.world_size())
+    result = sample(loaded.model, diffusion, loaded.model_spec, opts, dist.device())
+    if dist.is_main():
+        out = args.out or default_out(args, loaded, respacing, sampler)
+        npz, png = write_samples(result.images, result.labels, out, grid_count=args.grid_count)
+        print(json.dumps({"npz": str(npz), "grid": str(png), "num_samples": opts.num_samples,
+                          "shape": list(result.images.shape), "sampler": sampler,
+                          "respacing": respacing, "steps": diffusion.num_timesteps,
+                          "weights": loaded.weights, "step": loaded.step, "seed": opts.seed,
+                          "world_size": dist.world_size(), "seconds": round(result.seconds, 3),
+                          "img_per_s": round(result.img_per_s, 3)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
