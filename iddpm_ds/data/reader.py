@@ -9,6 +9,7 @@ assigns, so the main process only checks and counts.
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -28,6 +29,11 @@ from .tario import TarReader
 
 PROBE_SAMPLES_PER_SHARD = 16
 PROBE_SHARDS = 64
+# Loader workers are forked where the OS allows, whatever the start method of this
+# process: a process started by `spawn` would otherwise spawn its workers too and pay a
+# full interpreter + torch import per worker (seconds) at every loader start. Workers
+# never touch CUDA, so forking after CUDA/NCCL initialisation is safe (torch's default).
+WORKER_START = "fork" if "fork" in mp.get_all_start_methods() else None
 
 
 @dataclass(frozen=True)
@@ -171,7 +177,8 @@ class TrainStream:
         dataset = _TrainDataset(cfg, self._epoch, self._pool, len(self._history))
         loader = DataLoader(dataset, batch_size=None, num_workers=spec.num_workers,
                             prefetch_factor=spec.prefetch_factor if spec.num_workers else None,
-                            pin_memory=dist.has_gpu())
+                            pin_memory=dist.has_gpu(),
+                            multiprocessing_context=WORKER_START if spec.num_workers else None)
         self._loader_iter = iter(loader)
         for x, y, meta, _ in self._loader_iter:
             self._advance(meta.tolist(), x.shape[0])
@@ -330,7 +337,7 @@ class EvalStream:
         cfg = _Config(**{**self._cfg.__dict__, "workers": max(1, workers)})
         loader = DataLoader(_EvalDataset(cfg, self._start, self._stop), batch_size=None,
                             num_workers=workers, prefetch_factor=spec.prefetch_factor if workers else None,
-                            pin_memory=dist.has_gpu())
+                            pin_memory=dist.has_gpu(), multiprocessing_context=WORKER_START if workers else None)
         for x, y, meta, valid in loader:
             self.corrupt_samples += int(meta[2])
             yield x, self._cond(y), valid

@@ -1,0 +1,279 @@
+"""Data module, single process: preprocessing vs the reference algorithm, corrupt input,
+source errors, the pipe opt-in, the data-position arithmetic and the shard writer."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from iddpm_ds.data import (AllCorruptError, EmptySourceError, PipeNotAllowedError,
+                           ShardNotFoundError, build_eval_stream, build_train_stream)
+from iddpm_ds.data.position import (Layout, RankPlan, full_pool, pool_size, replay,
+                                    shard_pieces, shard_order)
+from iddpm_ds.data.shards import (OutputExistsError, WriteOptions, array_items, folder_items,
+                                  write_items)
+from iddpm_ds.spec.data import DataSpec
+from test_data_helpers import id_shards, png_bytes, write_tar
+
+
+def reference_preprocess(data: bytes, size: int) -> np.ndarray:
+    """The reference loader's steps, written out plainly (no shortcuts): float32 [C, H, W]."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    while min(*image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.array(image.convert("RGB"))
+    crop_y = (arr.shape[0] - size) // 2
+    crop_x = (arr.shape[1] - size) // 2
+    arr = arr[crop_y:crop_y + size, crop_x:crop_x + size]
+    arr = arr.astype(np.float32) / 127.5 - 1
+    return np.transpose(arr, [2, 0, 1])
+
+
+def _encoded(rng: np.random.Generator, width: int, height: int, kind: str) -> bytes:
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    pixels[: height // 2] //= 3  # some structure so resampling differences would show
+    image = Image.fromarray(pixels)
+    buf = io.BytesIO()
+    if kind == "jpg":
+        image.save(buf, format="JPEG", quality=90)
+    elif kind == "gif":
+        image.convert("P").save(buf, format="GIF")
+    elif kind == "L":
+        image.convert("L").save(buf, format="PNG")
+    elif kind == "RGBA":
+        image.putalpha(128)
+        image.save(buf, format="PNG")
+    else:
+        image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+ODD_IMAGES = [(37, 53, "png"), (130, 67, "jpg"), (201, 200, "gif"), (65, 129, "L"),
+              (33, 33, "RGBA"), (16, 40, "png"), (255, 97, "jpg")]
+
+
+def _stream(spec: DataSpec, size: int = 8, batch: int = 4, world: int = 1, rank: int = 0,
+            seed: int = 0, class_cond: bool = True):
+    return build_train_stream(spec, image_size=size, class_cond=class_cond, batch_size=batch,
+                              rank=rank, world_size=world, seed=seed)
+
+
+def test_preprocessing_matches_reference_on_odd_sizes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    encoded = [_encoded(rng, w, h, kind) for w, h, kind in ODD_IMAGES]
+    ext = {"jpg": "jpg", "gif": "gif"}
+    samples = [(f"{i:04d}", {ext.get(k, "png"): data, "cls": str(i).encode()})
+               for i, ((_, _, k), data) in enumerate(zip(ODD_IMAGES, encoded))]
+    shard = write_tar(tmp_path / "odd.tar", samples)
+    for size in (16, 32):
+        spec = DataSpec(shards=str(shard), num_workers=0, shuffle_buffer=0)
+        stream = _stream(spec, size=size, batch=len(ODD_IMAGES))
+        x, cond = next(iter(stream))
+        assert x.dtype == torch.float32 and x.shape == (len(ODD_IMAGES), 3, size, size)
+        for row, label in enumerate(cond["y"].tolist()):
+            expected = reference_preprocess(encoded[label], size)
+            np.testing.assert_array_equal(x[row].numpy(), expected)  # bit-identical
+        assert stream.stats()["corrupt_samples"] == 0
+
+
+def test_random_flip_mirrors_some_samples(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    encoded = [_encoded(rng, 20, 24, "png") for _ in range(32)]
+    shard = write_tar(tmp_path / "f.tar", [(f"{i:04d}", {"png": d, "cls": str(i).encode()})
+                                           for i, d in enumerate(encoded)])
+    stream = _stream(DataSpec(shards=str(shard), num_workers=0, random_flip=True), size=16, batch=32)
+    x, cond = next(iter(stream))
+    flipped = 0
+    for row, label in enumerate(cond["y"].tolist()):
+        ref = reference_preprocess(encoded[label], 16)
+        same = np.array_equal(x[row].numpy(), ref)
+        mirrored = np.array_equal(x[row].numpy(), ref[:, :, ::-1])
+        assert same or mirrored
+        flipped += mirrored and not same
+    assert 4 <= flipped <= 28
+
+
+def test_corrupt_samples_are_logged_counted_and_replaced(tmp_path: Path, capfd) -> None:
+    good = png_bytes(np.full((8, 8, 3), 7, dtype=np.uint8))
+    samples = [(f"{i:04d}", {"png": good, "cls": str(i).encode()}) for i in range(12)]
+    samples[3] = ("0003", {"png": b"not an image at all", "cls": b"3"})
+    samples[5] = ("0005", {"png": good})  # missing label
+    samples[8] = ("0008", {"png": good[: len(good) // 2], "cls": b"8"})  # truncated PNG
+    shard = write_tar(tmp_path / "c.tar", samples)
+    stream = _stream(DataSpec(shards=str(shard), num_workers=0, shuffle_buffer=0), batch=4)
+    batches = [next(iter(stream)) for _ in range(3)]
+    assert all(x.shape[0] == 4 for x, _ in batches)
+    assert stream.stats()["corrupt_samples"] == 3
+    labels = sorted(int(v) for _, c in batches for v in c["y"])
+    assert not {3, 5, 8} & set(labels) and len(labels) == 12  # replaced by earlier good ones
+    err = capfd.readouterr().err
+    events = [json.loads(line) for line in err.splitlines() if '"data_corrupt_sample"' in line]
+    assert {(e["key"], e["shard"]) for e in events} == {(k, str(shard)) for k in ("0003", "0005", "0008")}
+    assert any("missing label" in e["reason"] for e in events)
+
+
+def test_truncated_tar_counts_missing_samples_and_goes_on(tmp_path: Path, capfd) -> None:
+    whole = id_shards(tmp_path, [10, 10])
+    raw = Path(whole[0]).read_bytes()
+    Path(whole[0]).write_bytes(raw[: len(raw) // 2 + 100])  # cut inside a member
+    index = {"format": "iddpm_ds-shards-v1", "splits": {"train": {"samples": 20, "shards": [
+        {"url": Path(p).name, "samples": 10} for p in whole]}}}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    stream = _stream(DataSpec(shards=str(tmp_path / "index.json"), num_workers=1), batch=5)
+    assert stream.batches_per_epoch == 4
+    seen = [int(v) for _, (x, c) in zip(range(4), stream) for v in c["y"]]
+    lost = stream.stats()["corrupt_samples"]
+    assert 1 <= lost <= 6 and len(seen) == 20 and set(range(10, 20)) <= set(seen)
+    assert '"data_shard_damaged"' in capfd.readouterr().err
+    stream.close()
+
+
+def test_source_errors_stop_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="non-empty"):
+        DataSpec(shards=[])
+    (tmp_path / "empty.json").write_text(json.dumps({"splits": {"train": {"shards": []}}}))
+    with pytest.raises(EmptySourceError, match="lists no shards"):
+        _stream(DataSpec(shards=str(tmp_path / "empty.json")))
+    with pytest.raises(ShardNotFoundError) as missing:
+        _stream(DataSpec(shards=str(tmp_path / "s-{000..002}.tar")))
+    assert isinstance(missing.value, FileNotFoundError) and "3 of 3" in str(missing.value)
+    with pytest.raises(ShardNotFoundError):
+        _stream(DataSpec(shards=str(tmp_path / "index.json")))
+    bad = [write_tar(tmp_path / f"bad{i}.tar", [(f"{k}", {"png": b"junk", "cls": b"0"}) for k in range(3)])
+           for i in range(2)]
+    with pytest.raises(AllCorruptError, match="no usable sample"):
+        _stream(DataSpec(shards=[str(p) for p in bad]))
+    (tmp_path / "garbage.tar").write_bytes(b"\x01" * 4000)
+    with pytest.raises(EmptySourceError, match="no samples"):
+        _stream(DataSpec(shards=str(tmp_path / "garbage.tar")))
+    small = id_shards(tmp_path, [3])
+    with pytest.raises(ValueError, match="one global batch"):
+        _stream(DataSpec(shards=small), batch=4)
+
+
+def test_pipe_needs_the_opt_in(tmp_path: Path) -> None:
+    shard = id_shards(tmp_path, [6])[0]
+    for url in (f"pipe:cat {shard}", "https://example.com/a.tar", "s3://bucket/a.tar"):
+        with pytest.raises(ValidationError, match="allow_pipe"):
+            DataSpec(shards=url)
+    index = {"format": "iddpm_ds-shards-v1",
+             "splits": {"train": {"samples": 6, "shards": [{"url": f"pipe:cat {shard}", "samples": 6}]}}}
+    (tmp_path / "remote.json").write_text(json.dumps(index))
+    with pytest.raises(PipeNotAllowedError):  # urls inside an index are checked too
+        _stream(DataSpec(shards=str(tmp_path / "remote.json")))
+    stream = _stream(DataSpec(shards=str(tmp_path / "remote.json"), allow_pipe=True, num_workers=0), batch=3)
+    labels = sorted(int(v) for _, (_, c) in zip(range(2), stream) for v in c["y"])
+    assert labels == list(range(6))
+
+
+@pytest.mark.parametrize("world,workers,batch,buffer", [(2, 2, 4, 10), (3, 1, 5, 0), (1, 3, 7, 50)])
+def test_plan_serves_each_position_once_across_chained_resumes(world, workers, batch, buffer) -> None:
+    total, seed, epoch = 311, 5, 2
+    layouts = [Layout(world, workers, batch, buffer), Layout(world + 1, 2, batch + 1, 7, 0, 1),
+               Layout(1, 1, 3, 4, 0, 2)]
+    history, seen = [], []
+    for stage, layout in enumerate(layouts):
+        pool = replay(total, history, seed, epoch)
+        plans = [RankPlan(pool, layout, r, seed, epoch) for r in range(layout.world_size)]
+        assert len({p.batches for p in plans}) == 1  # equal batch counts on every rank
+        done = plans[0].batches if stage == len(layouts) - 1 else plans[0].batches // 2
+        for plan in plans:
+            seen += [p for a, b in plan.consumed(done).tolist() for p in range(a, b)]
+        history.append({**layout.__dict__, "batches_done": [done] * layout.world_size})
+    assert len(seen) == len(set(seen))  # nothing twice
+    dropped = set(range(total)) - set(seen)
+    assert len(dropped) < 3  # only the final remainder of the last layout (global batch 1 x 3)
+
+
+def test_shard_order_is_a_seeded_permutation() -> None:
+    orders = {tuple(shard_order(10, 7, e, True)) for e in range(5)}
+    assert len(orders) > 1 and all(sorted(o) == list(range(10)) for o in orders)
+    assert tuple(shard_order(10, 7, 3, True)) == tuple(shard_order(10, 7, 3, True))
+    assert shard_pieces(np.array([[5, 15], [17, 20]]), np.array([2, 0, 1]), [10, 0, 10]) == [
+        (2, 5, 10), (0, 0, 5), (0, 7, 10)]
+
+
+def test_writer_folder_npz_and_overwrite(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub" / "dogs").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)).save(src / f"cat_{i}.png")
+        Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)).save(src / "sub" / "dogs" / f"dog_{i}.JPG", format="JPEG")
+    (src / "notes.txt").write_text("not an image")
+    items = folder_items(src)
+    assert len(items) == 12 and {it.class_name for it in items} == {"cat", "dog"}
+    assert {it.class_name for it in folder_items(src, labels="folder")} == {"src", "dogs"}
+    index = write_items(items, tmp_path / "out", WriteOptions(shard_size=5, eval_count=2, progress=False), "t")
+    assert index["class_names"] == ["cat", "dog"]
+    assert [s["samples"] for s in index["splits"]["train"]["shards"]] == [5, 5]
+    assert index["splits"]["eval"]["samples"] == 2
+    with tarfile.open(tmp_path / "out" / "eval-000000.tar") as tar:
+        classes = sorted(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".cls"))
+    assert classes == [b"0", b"1"]  # stratified hold-out: one of each class
+    with pytest.raises(OutputExistsError):
+        write_items(items, tmp_path / "out", WriteOptions(progress=False), "t")
+    index = write_items(items, tmp_path / "out", WriteOptions(max_shard_bytes=3000, overwrite=True,
+                                                              progress=False), "t")
+    assert len(index["splits"]["train"]["shards"]) > 2 and not (tmp_path / "out" / "eval-000000.tar").exists()
+    arrays = rng.integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
+    labels = np.array([0, 4, 4, 0, 4, 0, 4])
+    index = write_items(array_items(arrays, labels), tmp_path / "npz",
+                        WriteOptions(shuffle=False, progress=False), "t")
+    assert index["class_names"] == ["0", "1", "2", "3", "4"]  # labels kept as given
+    spec = DataSpec(shards=str(tmp_path / "npz" / "index.json"), num_workers=0, shuffle_buffer=0,
+                    shuffle_shards=False)
+    x, cond = next(iter(build_train_stream(spec, image_size=5, class_cond=True, batch_size=7,
+                                           rank=0, world_size=1, seed=0)))
+    assert cond["y"].tolist() == labels.tolist()
+    expected = torch.from_numpy(arrays[:, :5, :5]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert torch.equal(x, expected)
+
+
+def test_digits_writer_counts_and_eval_stream(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    from iddpm_ds_launch.make_shards import main
+
+    out = tmp_path / "digits"
+    assert main(["digits", "-o", str(out), "--quiet"]) == 0
+    assert main(["digits", "-o", str(out), "--quiet"]) == 2  # refuses to overwrite
+    index = json.loads((out / "index.json").read_text())
+    assert index["image_size"] == 32 and index["class_names"] == [str(d) for d in range(10)]
+    train, held = index["splits"]["train"], index["splits"]["eval"]
+    assert (train["samples"], held["samples"]) == (1597, 200)
+    assert sum(s["samples"] for s in train["shards"]) == 1597 and len(train["shards"]) == 8
+    spec = DataSpec(shards=str(out / "index.json"), eval_shards=str(out / "index.json"), num_workers=0)
+    ev = build_eval_stream(spec, image_size=32, class_cond=True, batch_size=64, rank=0, world_size=1)
+    labels = torch.cat([c["y"] for _, c in ev])
+    assert ev.batches == 4 and labels.bincount().tolist() == [20] * 10
+    stream = build_train_stream(spec, image_size=32, class_cond=True, batch_size=100, rank=0,
+                                world_size=1, seed=0)
+    assert stream.batches_per_epoch == 15 and stream.class_names == tuple(index["class_names"])
+    x, _ = next(iter(stream))
+    assert x.shape == (100, 3, 32, 32) and x.min() >= -1 and x.max() <= 1 and x.std() > 0.3
+
+
+def test_state_roundtrip_single_process(tmp_path: Path) -> None:
+    shards = id_shards(tmp_path, [13, 9, 20])
+    spec = DataSpec(shards=shards, num_workers=2, shuffle_buffer=8)
+    first = _stream(spec, batch=3, seed=11)
+    seen = [int(v) for _, (_, c) in zip(range(5), first) for v in c["y"]]
+    state = json.loads(json.dumps(first.state_dict()))  # plain JSON types
+    first.close()
+    second = _stream(spec, batch=3, seed=11)
+    second.load_state_dict([state])
+    left = second.batches_left_in_epoch
+    seen += [int(v) for _, (_, c) in zip(range(left), second) for v in c["y"]]
+    assert sorted(seen) == list(range(42)) and second.stats()["epoch"] == 1
+    with pytest.raises(ValueError, match="other shards or another seed"):
+        _stream(spec, batch=3, seed=12).load_state_dict([state])
