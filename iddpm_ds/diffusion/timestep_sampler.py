@@ -171,20 +171,29 @@ class LossSecondMomentResampler(ScheduleSampler):
         self._history = torch.zeros(T + 1, H, dtype=history_dtype, device=self.device)  # [T+1, H]
         # Losses ever appended per t; the next write goes to slot total % H.
         self._total = torch.zeros(T + 1, dtype=torch.int64, device=self.device)  # [T+1]
-        self._slots = torch.arange(H, device=self.device)  # [H]
-        self._p: torch.Tensor | None = None  # cached probabilities, dropped on update
+        # Send buffer template: t = T (the sink) and loss bits 0 in every unused slot.
+        self._empty_packet = torch.zeros(2, self.max_local_batch, dtype=torch.int64,
+                                         device=self.device)  # [2, C]
+        self._empty_packet[0] = T
+        self._iota = torch.zeros(0, dtype=torch.int64, device=self.device)  # [M], cached arange
+        self._ones = self._iota  # [M], cached ones
+        self._p: torch.Tensor | None = None  # [T] probabilities, recomputed after an update
+        self._weight_of_t: torch.Tensor | None = None  # [T] float32 1/(T p_t)
 
     # --- reading the state -------------------------------------------------------------
     def counts(self) -> torch.Tensor:
         """Losses held per timestep (at most H), [T] int64."""
         return self._total[: self.num_timesteps].clamp(max=self.history_per_term)
 
-    def history(self) -> torch.Tensor:
-        """Loss history in chronological order (oldest first, unused slots zero), [T, H]."""
+    def _oldest_slot(self) -> torch.Tensor:
         H = self.history_per_term
         total = self._total[: self.num_timesteps]  # [T]
-        oldest = torch.where(total >= H, total % H, torch.zeros_like(total))  # [T]
-        slots = (oldest[:, None] + self._slots) % H  # [T, H]
+        return torch.where(total >= H, total % H, torch.zeros_like(total))  # [T]
+
+    def history(self) -> torch.Tensor:
+        """Loss history in chronological order (oldest first, unused slots zero), [T, H]."""
+        slots = torch.arange(self.history_per_term, device=self.device)  # [H]
+        slots = (self._oldest_slot()[:, None] + slots) % self.history_per_term  # [T, H]
         return self._history[: self.num_timesteps].gather(1, slots)
 
     @property
@@ -195,21 +204,34 @@ class LossSecondMomentResampler(ScheduleSampler):
         full = self._total[: self.num_timesteps] >= self.history_per_term  # [T]
         return full.to(torch.float64).mean()
 
-    def weights(self) -> torch.Tensor:
-        """The reference's weights: ones during warm-up, else the normalised root mean
-        square loss per t times (1 - uniform_prob) plus uniform_prob / T. [T] float64."""
+    def _mixed(self) -> torch.Tensor:
+        """Normalised root-mean-square loss per t, times (1 - uniform_prob), plus uniform_prob / T."""
         T = self.num_timesteps
-        # Chronological order makes the float sum depend on the history only, not on the
-        # ring's phase, so a resumed sampler reproduces the uninterrupted one bit for bit.
-        rms = self.history().to(torch.float64).square().mean(dim=-1).sqrt()  # [T]
-        mixed = rms / rms.sum().clamp_min(torch.finfo(torch.float64).tiny)
-        mixed = mixed * (1.0 - self.uniform_prob) + self.uniform_prob / T  # [T]
-        return torch.where(self.warmed_up, mixed, torch.ones_like(mixed))
+        history = self._history[:T].to(torch.float64)  # [T, H]
+        # sqrt(sum) is sqrt(H) times the root mean square; the factor cancels below. Summed
+        # in ring order: deterministic given the global state (ring phase included, and
+        # checkpointed), so identical on all ranks and across a resume.
+        norm = (history * history).sum(dim=-1).sqrt()  # [T]
+        scale = (1.0 - self.uniform_prob) / norm.sum().clamp_min(torch.finfo(torch.float64).tiny)
+        return norm * scale + self.uniform_prob / T  # [T], sums to 1
+
+    def weights(self) -> torch.Tensor:
+        """The reference's weights: ones during warm-up, else `_mixed()`. [T] float64."""
+        return torch.where(self.warmed_up, self._mixed(), 1.0)
 
     def probabilities(self) -> torch.Tensor:
         if self._p is None:
-            self._p = super().probabilities()
+            self._p = torch.where(self.warmed_up, self._mixed(), 1.0 / self.num_timesteps)
         return self._p
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.probabilities()  # [T]
+        if self._weight_of_t is None:  # once per update, not per draw
+            self._weight_of_t = (1.0 / (self.num_timesteps * p)).float()  # [T]
+        if batch_size == 0:
+            return super().sample(0)
+        t = torch.multinomial(p, batch_size, replacement=True, generator=self._generator)  # [N]
+        return t, self._weight_of_t[t]
 
     # --- the update -------------------------------------------------------------------
     def update_with_local_losses(self, t: torch.Tensor, losses: torch.Tensor) -> None:
@@ -224,19 +246,21 @@ class LossSecondMomentResampler(ScheduleSampler):
         if t.shape[0] > self.max_local_batch:
             raise ValueError(f"local batch {t.shape[0]} exceeds max_local_batch="
                              f"{self.max_local_batch}; build the sampler with the largest micro-batch")
-        gathered = self._all_gather(self._pack(t, losses))  # [W, 2, C]
-        t_all = gathered[:, 0].reshape(-1).to(torch.int64)  # [W*C], rank-major
-        loss_all = gathered[:, 1].reshape(-1)  # [W*C]
+        self._apply_gathered(self._all_gather(self._pack(t, losses)))
+
+    def _apply_gathered(self, gathered: torch.Tensor) -> None:
+        """Append every rank's packet of the all-gather ([W, 2, C] int64), rank by rank."""
+        t_all = gathered[:, 0].reshape(-1)  # [W*C], rank-major
+        loss_all = gathered[:, 1].view(torch.float64).reshape(-1)  # [W*C]
         self._append(t_all, loss_all)
-        self._p = None
+        self._p = self._weight_of_t = None
 
     def _pack(self, t: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        n, capacity = t.shape[0], self.max_local_batch
-        packed = torch.empty(2, capacity, dtype=torch.float64, device=self.device)  # [2, C]
-        packed[0].fill_(float(self.num_timesteps))  # padding goes to the sink row
-        packed[1].zero_()
-        packed[0, :n] = t.detach().to(self.device, torch.float64)
-        packed[1, :n] = losses.detach().to(self.device, torch.float64)
+        """[2, C] int64: timesteps, then the float64 losses' bits (one dtype, one gather)."""
+        n = t.shape[0]
+        packed = self._empty_packet.clone()  # [2, C]
+        packed[0, :n] = t.detach().to(self.device)
+        packed[1, :n] = losses.detach().to(self.device, torch.float64).view(torch.int64)
         return packed
 
     def _all_gather(self, packed: torch.Tensor) -> torch.Tensor:
@@ -255,47 +279,57 @@ class LossSecondMomentResampler(ScheduleSampler):
     def _append(self, t_all: torch.Tensor, loss_all: torch.Tensor) -> None:
         """Vectorised equivalent of appending each (t, loss) in order to t's history."""
         T, H = self.num_timesteps, self.history_per_term
-        sink = torch.full_like(t_all, T)
-        t_all = torch.where(torch.isfinite(loss_all), t_all, sink)  # [M]
+        if self._iota.shape != t_all.shape:
+            self._iota = torch.arange(t_all.shape[0], device=self.device)  # [M]
+            self._ones = torch.ones_like(self._iota)  # [M]
+        t_all = torch.where(torch.isfinite(loss_all), t_all, T)  # [M] non-finite -> sink
         t_sorted, order = torch.sort(t_all, stable=True)  # [M]; ties keep arrival order
         loss_sorted = loss_all[order].to(self._history.dtype)  # [M]
-        arrivals = torch.zeros_like(self._total).index_add_(0, t_all, torch.ones_like(t_all))  # [T+1]
-        first = torch.cumsum(arrivals, 0) - arrivals  # [T+1] first sorted index of each t
-        k = torch.arange(t_sorted.shape[0], device=self.device) - first[t_sorted]  # [M] arrival rank
-        survives = k >= arrivals[t_sorted] - H  # [M] only the newest H per t can remain
-        row = torch.where(survives, t_sorted, sink)  # [M]
-        slot = (self._total[t_sorted] + k) % H  # [M] distinct among survivors of one t
+        first = torch.searchsorted(t_sorted, t_sorted)  # [M] sorted index of t's first arrival
+        end = torch.searchsorted(t_sorted, t_sorted, right=True)  # [M] one past its last
+        k = self._iota - first  # [M] arrival rank within its timestep
+        row = torch.where(self._iota >= end - H, t_sorted, T)  # [M] only the newest H survive
+        slot = (self._total[t_sorted] + k) % H  # [M] distinct among the survivors of one t
         self._history.view(-1).index_put_((row * H + slot,), loss_sorted)
-        self._total += arrivals
+        self._total.index_add_(0, t_all, self._ones)
 
     # --- checkpointing ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """History (chronological, oldest first) and counts as CPU tensors; identical on
-        every rank, so any rank may save it and any world size may load it."""
+        """History (chronological, oldest first, the reference's layout), counts and ring
+        phase as CPU tensors; identical on every rank, so any rank may save it and any
+        world size may load it."""
         return {
             **super().state_dict(),
             "history_per_term": self.history_per_term,
             "uniform_prob": self.uniform_prob,
             "loss_history": self.history().cpu(),  # [T, H]
             "loss_counts": self.counts().cpu(),  # [T]
+            "ring_offset": self._oldest_slot().cpu(),  # [T] slot of the oldest loss
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore history and counts; uniform_prob and capacity keep this sampler's values."""
+        """Restore history, counts and ring phase (a state without "ring_offset", e.g. a
+        history in the reference's layout, starts at phase 0); uniform_prob and the
+        capacity keep this sampler's values."""
         super().load_state_dict(state)
         T, H = self.num_timesteps, self.history_per_term
-        history = torch.as_tensor(state["loss_history"])
-        counts = torch.as_tensor(state["loss_counts"]).to(torch.int64)
-        if tuple(history.shape) != (T, H) or tuple(counts.shape) != (T,):
-            raise ValueError(f"checkpoint history {tuple(history.shape)} / counts "
-                             f"{tuple(counts.shape)} do not fit T={T}, history_per_term={H}")
-        if bool(((counts < 0) | (counts > H)).any()):
-            raise ValueError(f"checkpoint loss counts must lie in [0, {H}]")
+        history = torch.as_tensor(state["loss_history"]).to(self.device, self._history.dtype)
+        counts = torch.as_tensor(state["loss_counts"]).to(self.device, torch.int64)
+        offset = torch.as_tensor(state.get("ring_offset", torch.zeros(T, dtype=torch.int64)))
+        offset = offset.to(self.device, torch.int64)
+        if tuple(history.shape) != (T, H) or counts.shape != (T,) or offset.shape != (T,):
+            raise ValueError(f"checkpoint history {tuple(history.shape)} / counts / offsets "
+                             f"do not fit T={T}, history_per_term={H}")
+        bad = (counts < 0) | (counts > H) | (offset < 0) | (offset >= H) | ((counts < H) & (offset != 0))
+        if bool(bad.any()):
+            raise ValueError(f"checkpoint counts must lie in [0, {H}], offsets in [0, {H}) "
+                             "and be 0 for timesteps without a full history")
+        slots = (offset[:, None] + torch.arange(H, device=self.device)) % H  # [T, H]
         self._history.zero_()
-        self._history[:T] = history.to(self.device, self._history.dtype)
+        self._history[:T].scatter_(1, slots, history)
         self._total.zero_()
-        self._total[:T] = counts.to(self.device)  # chronological layout: oldest in slot 0
-        self._p = None
+        self._total[:T] = torch.where(counts == H, H + offset, counts)
+        self._p = self._weight_of_t = None
 
 
 def build_schedule_sampler(spec: SamplerSpec, num_timesteps: int, *, device: torch.device | str,
