@@ -310,14 +310,18 @@ def _updates_worker(rank: int, world: int, steps: list, capacity: int, load_path
     if load_path:
         sampler.load_state_dict(torch.load(load_path, weights_only=True))
     loaded_weights = sampler.weights().clone()
+    all_reduce = dist.all_reduce  # unwrapped: stands for DeepSpeed's gradient reduction
     calls: list = []
     _patch_collectives(calls)
-    seq_deltas = []
+    seq_deltas, reduced = [], []
     for step in steps:
         t, loss = step[rank]
         before = group._get_sequence_number_for_group()
         sampler.update_with_local_losses(torch.from_numpy(t), torch.from_numpy(loss))
         seq_deltas.append(group._get_sequence_number_for_group() - before)
+        grad = torch.full((3,), float(rank + 1))
+        all_reduce(grad)  # another collective while the sampler's gather is in flight
+        reduced.append(float(grad[0]))
     aware_calls = list(calls)
     uniform = UniformSampler(7, device="cpu", seed=7, rank=rank)
     before = group._get_sequence_number_for_group()
@@ -328,7 +332,8 @@ def _updates_worker(rank: int, world: int, steps: list, capacity: int, load_path
         torch.save(sampler.state_dict(), save_path)
     return {"loaded_weights": loaded_weights, "weights": sampler.weights(),
             "state": sampler.state_dict(), "calls": aware_calls, "seq_deltas": seq_deltas,
-            "uniform_collectives": uniform_collectives, "draws": sampler.sample(32)[0]}
+            "uniform_collectives": uniform_collectives, "draws": sampler.sample(32)[0],
+            "reduced": reduced}
 
 
 def _check_ranks(results: list, steps: list, ref: ReferenceSecondMoment) -> None:
@@ -342,6 +347,7 @@ def _check_ranks(results: list, steps: list, ref: ReferenceSecondMoment) -> None
         assert len(res["calls"]) == len(steps)
         assert set(res["calls"]) <= {"all_gather_single", "all_gather_into_tensor"}
         assert res["uniform_collectives"] == 0
+        assert res["reduced"] == [len(results) * (len(results) + 1) / 2] * len(steps)
     assert not torch.equal(results[0]["draws"], results[1]["draws"])  # per-rank streams
     sampler = _resampler(T=7, H=4, u=0.01)
     sampler.load_state_dict(results[0]["state"])
@@ -378,3 +384,30 @@ def test_resume_two_rank_checkpoint_on_three_ranks(two_rank_run):
     ref.update_with_all_losses(*(np.concatenate(x) for x in zip(*[
         (t, loss) for step in steps2 for t, loss in step])))
     _check_ranks(results3, steps3, ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_update_matches_reference_without_host_sync():
+    """On CUDA, index_put_ with duplicate indices has no defined winner: only the newest H
+    losses per timestep may be written. Also: no host sync in sample/update."""
+    T, H = 6, 3
+    sampler = LossSecondMomentResampler(T, device="cuda", seed=0, rank=0, history_per_term=H,
+                                        uniform_prob=0.01, max_local_batch=4096)
+    ref = ReferenceSecondMoment(T, H, 0.01)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        t = rng.integers(0, T, size=4096)  # ~680 arrivals per timestep per update
+        loss = rng.random(4096)
+        t_cuda, loss_cuda = torch.from_numpy(t).cuda(), torch.from_numpy(loss).cuda()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            sampler.update_with_local_losses(t_cuda, loss_cuda)
+            draws, weights = sampler.sample(512)
+            sampler.metrics()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        ref.update_with_all_losses(t, loss)
+        assert draws.is_cuda and weights.is_cuda
+        state = sampler.state_dict()
+        assert torch.equal(state["loss_history"], torch.from_numpy(ref.history))
+        assert torch.equal(state["loss_counts"], torch.from_numpy(ref.counts))

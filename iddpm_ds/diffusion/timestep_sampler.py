@@ -11,28 +11,36 @@ Distributed service design (differences from the reference, which all-gathers th
 times, walks every element with `.item()` and forgets its history on resume):
 
 - `update_with_local_losses` issues EXACTLY ONE collective per call (none at world size
-  1): every rank packs its (t, loss) pairs into a fixed-size float64 buffer of
-  `max_local_batch` slots, padding with t = T, and all ranks all-gather these buffers.
-  The capacity must be known to all ranks without a collective, so it is fixed at
+  1): every rank packs its (t, loss) pairs into a fixed-size int64 buffer [2, C] (the
+  timesteps, then the float64 losses' bits) of C = `max_local_batch` slots, padding
+  with t = T, and all ranks all-gather these buffers (all_gather_into_tensor, called
+  all_gather_single in newer torch). The
+  capacity must be known to all ranks without a collective, so it is fixed at
   construction (the trainer passes its micro-batch size); local batches may be smaller
-  and differ between ranks, a larger one raises on that rank. t is carried as float64,
-  exact for any realistic T (< 2^53).
-- Every rank then applies the same vectorised update to identical gathered data in
-  identical (rank-major) order, so the history, counts and weights are bit-identical on
-  all ranks; the result equals appending the losses one by one in the order rank 0's
-  samples, then rank 1's, ... (as the reference does).
+  (zero included) and differ between ranks; a larger one raises on that rank before
+  anything is sent.
+- The all-gather is issued with async_op and applied when the sampler is next read
+  (the next `sample`, or `metrics`, `state_dict`, ...): the next draw sees the update, as
+  in the reference, while the latency overlaps whatever runs in between (the backward
+  pass). Collectives stay in the same order on every rank, so other collectives in
+  between (DeepSpeed's gradient reductions) are fine.
+- Every rank applies the same vectorised update (a stable sort by t, each sample's rank
+  among the same-t arrivals, scatter into ring slots (total_t + k) % H) to identical
+  gathered data in identical rank-major order, so history, counts and weights are
+  bit-identical on all ranks, and equal to appending the losses one by one: rank 0's
+  samples in order, then rank 1's, ... (as the reference does).
 - Padding, losses that a timestep receives more than `history_per_term` times in one
-  update (only the newest H can survive), and non-finite losses (which would poison the
-  distribution until pushed out) are all written into a spare sink row T that is never
-  read.
+  update (only the newest H can survive) and non-finite losses (which would poison the
+  distribution until pushed out) are all written into a spare sink row T, never read.
 - Every rank must call `update_with_local_losses` on every micro-step (it is a
   collective; with gradient accumulation each micro-batch's losses are appended, as in
-  the reference). The sampler is independent of the model and its ZeRO partitioning.
+  the reference). The sampler is independent of the model, so of its ZeRO stage.
 - No host synchronisation on the per-step path: history, counts and probabilities live
   on the device, draws come from a per-rank `torch.Generator` seeded from (seed, rank).
 - `state_dict()` holds the global history (chronological, oldest first, as the
-  reference lays it out) and counts, identical on every rank, so a checkpoint reloads at
-  any world size and the sampler is exactly as warm after a resume as before.
+  reference lays it out), counts and ring phase, identical on every rank, so a
+  checkpoint reloads at any world size and the resumed sampler is bit-identical to the
+  uninterrupted one (as warm, same weights).
 """
 from __future__ import annotations
 
@@ -177,15 +185,19 @@ class LossSecondMomentResampler(ScheduleSampler):
         self._empty_packet[0] = T
         self._iota = torch.zeros(0, dtype=torch.int64, device=self.device)  # [M], cached arange
         self._ones = self._iota  # [M], cached ones
+        # All-gather issued by the last update and not yet applied: (work or None, output).
+        self._pending: tuple[Any, torch.Tensor] | None = None
         self._p: torch.Tensor | None = None  # [T] probabilities, recomputed after an update
         self._weight_of_t: torch.Tensor | None = None  # [T] float32 1/(T p_t)
 
     # --- reading the state -------------------------------------------------------------
     def counts(self) -> torch.Tensor:
         """Losses held per timestep (at most H), [T] int64."""
+        self._settle()
         return self._total[: self.num_timesteps].clamp(max=self.history_per_term)
 
     def _oldest_slot(self) -> torch.Tensor:
+        self._settle()
         H = self.history_per_term
         total = self._total[: self.num_timesteps]  # [T]
         return torch.where(total >= H, total % H, torch.zeros_like(total))  # [T]
@@ -198,14 +210,17 @@ class LossSecondMomentResampler(ScheduleSampler):
 
     @property
     def warmed_up(self) -> torch.Tensor:
+        self._settle()
         return (self._total[: self.num_timesteps] >= self.history_per_term).all()
 
     def _warmup_fraction(self) -> torch.Tensor:
+        self._settle()
         full = self._total[: self.num_timesteps] >= self.history_per_term  # [T]
         return full.to(torch.float64).mean()
 
     def _mixed(self) -> torch.Tensor:
         """Normalised root-mean-square loss per t, times (1 - uniform_prob), plus uniform_prob / T."""
+        self._settle()
         T = self.num_timesteps
         history = self._history[:T].to(torch.float64)  # [T, H]
         # sqrt(sum) is sqrt(H) times the root mean square; the factor cancels below. Summed
@@ -220,6 +235,7 @@ class LossSecondMomentResampler(ScheduleSampler):
         return torch.where(self.warmed_up, self._mixed(), 1.0)
 
     def probabilities(self) -> torch.Tensor:
+        self._settle()
         if self._p is None:
             self._p = torch.where(self.warmed_up, self._mixed(), 1.0 / self.num_timesteps)
         return self._p
@@ -239,14 +255,29 @@ class LossSecondMomentResampler(ScheduleSampler):
 
         A collective: every rank must call it on every micro-step, with its own local
         batch (sizes may differ, up to max_local_batch, zero included). Exactly one
-        all-gather per call; no host synchronisation besides it.
+        all-gather per call, issued asynchronously: it is waited for and applied when the
+        sampler is next read (sample, metrics, state_dict, ...), so the next draw sees it
+        as in the reference while its latency overlaps whatever the caller does in
+        between (the backward pass). No host synchronisation besides that wait.
         """
         if t.ndim != 1 or losses.shape != t.shape:
             raise ValueError(f"need t [N] and losses [N], got {tuple(t.shape)}, {tuple(losses.shape)}")
         if t.shape[0] > self.max_local_batch:
             raise ValueError(f"local batch {t.shape[0]} exceeds max_local_batch="
                              f"{self.max_local_batch}; build the sampler with the largest micro-batch")
-        self._apply_gathered(self._all_gather(self._pack(t, losses)))
+        self._settle()  # updates apply in call order
+        self._pending = self._all_gather(self._pack(t, losses))
+        self._p = self._weight_of_t = None
+
+    def _settle(self) -> None:
+        """Wait for the in-flight all-gather, if any, and append what it brought."""
+        if self._pending is None:
+            return
+        work, gathered = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()  # NCCL: the current stream waits, the host does not
+        self._apply_gathered(gathered)
 
     def _apply_gathered(self, gathered: torch.Tensor) -> None:
         """Append every rank's packet of the all-gather ([W, 2, C] int64), rank by rank."""
@@ -263,18 +294,18 @@ class LossSecondMomentResampler(ScheduleSampler):
         packed[1, :n] = losses.detach().to(self.device, torch.float64).view(torch.int64)
         return packed
 
-    def _all_gather(self, packed: torch.Tensor) -> torch.Tensor:
-        """The single collective: [2, C] per rank -> [W, 2, C] in rank order."""
+    def _all_gather(self, packed: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """The single collective, started: [2, C] per rank -> (work, [W, 2, C] in rank order)."""
         if not (dist.is_available() and dist.is_initialized()):
-            return packed.unsqueeze(0)
+            return None, packed.unsqueeze(0)
         world = dist.get_world_size(self._group)
         if world == 1:
-            return packed.unsqueeze(0)
+            return None, packed.unsqueeze(0)
         out = torch.empty(world * packed.numel(), dtype=packed.dtype, device=packed.device)
         # Looked up at call time (not bound at import) so tests can observe the real call.
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(out, packed.reshape(-1), group=self._group)
-        return out.view(world, *packed.shape)
+        work = gather(out, packed.reshape(-1), group=self._group, async_op=True)
+        return work, out.view(world, *packed.shape)
 
     def _append(self, t_all: torch.Tensor, loss_all: torch.Tensor) -> None:
         """Vectorised equivalent of appending each (t, loss) in order to t's history."""
@@ -312,6 +343,7 @@ class LossSecondMomentResampler(ScheduleSampler):
         history in the reference's layout, starts at phase 0); uniform_prob and the
         capacity keep this sampler's values."""
         super().load_state_dict(state)
+        self._settle()  # completes this rank's part of an in-flight gather, then overwrites
         T, H = self.num_timesteps, self.history_per_term
         history = torch.as_tensor(state["loss_history"]).to(self.device, self._history.dtype)
         counts = torch.as_tensor(state["loss_counts"]).to(self.device, torch.int64)
