@@ -68,6 +68,11 @@ class _BpdSums:
         return self.packed.cpu()
 
 
+def noise_seed(seed: int, rank: int) -> int:
+    """Seed of the global RNG for calc_bpd_loop's noise on one rank."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
 @torch.no_grad()
 def evaluate_bpd(model: Any, diffusion: SpacedDiffusion, batches: Iterable[tuple], *,
                  device: torch.device, clip_denoised: bool = True, seed: int = 0,
@@ -83,7 +88,7 @@ def evaluate_bpd(model: Any, diffusion: SpacedDiffusion, batches: Iterable[tuple
     sums = _BpdSums(diffusion.num_timesteps, device)
     show = progress and dist.is_main()
     with preserved_rng(device):
-        torch.manual_seed(int(np.random.SeedSequence([seed, dist.rank()]).generate_state(1)[0]))
+        torch.manual_seed(noise_seed(seed, dist.rank()))
         for batch in _progress(batches, show, total_batches):
             x, cond, mask = batch if len(batch) == 3 else (*batch, None)
             if mask is not None and not bool(mask.any()):  # padding batch (mask lives on CPU)

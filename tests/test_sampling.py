@@ -44,9 +44,10 @@ def tiny_model(model_spec: ModelSpec, seed: int = 0) -> torch.nn.Module:
 
 
 def make_run(run_dir: Path, model_spec: ModelSpec, diffusion_spec: DiffusionSpec,
-             rates: tuple[float, ...] = (0.9999, 0.999), steps: tuple[int, ...] = (10,)) -> Path:
+             rates: tuple[float, ...] = (0.9999, 0.999), steps: tuple[int, ...] = (10,),
+             data: DataSpec = DataSpec()) -> Path:
     """A run dir in the trainer's checkpoint layout, with distinct weights per file."""
-    job = JobSpec(model=model_spec, diffusion=diffusion_spec, data=DataSpec(),
+    job = JobSpec(model=model_spec, diffusion=diffusion_spec, data=data,
                   train=TrainSpec(batch_size=2, ema_rate=rates, sample_respacing="ddim10",
                                   eval_respacing="10"), output=OutputSpec(run_dir=run_dir))
     ckpt_dir = run_dir / "checkpoints"
