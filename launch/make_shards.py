@@ -7,7 +7,8 @@
     iddpm-shards index "data/old/shard-{000..099}.tar" -o data/old/index.json
 
 Shards hold the original file bytes (the reader applies the reference preprocessing);
---image-size stores them already resized + centre-cropped as PNG instead.
+--image-size stores them already resized + centre-cropped as PNG instead (bit-identical
+reader output, no resize per epoch); add --raw to store the pixels uncompressed.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def _common(parser: argparse.ArgumentParser, out_default: str | None, eval_defau
                         help=f"samples held out into the eval split (default {eval_default})")
     parser.add_argument("--image-size", type=int, default=None,
                         help="store images resized + centre-cropped to this size (PNG)")
+    parser.add_argument("--raw", action="store_true",
+                        help="with --image-size: store uncompressed pixels (.npy), no decoding when reading")
     parser.add_argument("--seed", type=int, default=0, help="seed of shuffle and hold-out")
     parser.add_argument("--no-shuffle", action="store_true", help="keep the input order")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards/index")
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     # digits are drawn at 32 px; recording that size lets the reader check it
     image_size = args.image_size or (32 if args.command == "digits" else None)
     options = WriteOptions(shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes,
-                           eval_count=args.eval_count, image_size=image_size, seed=args.seed,
+                           eval_count=args.eval_count, image_size=image_size, raw=args.raw, seed=args.seed,
                            shuffle=not args.no_shuffle, overwrite=args.overwrite,
                            progress=not args.quiet)
     if args.command == "folder":

@@ -17,7 +17,7 @@ from iddpm_ds.data import (AllCorruptError, EmptySourceError, PipeNotAllowedErro
                            ShardNotFoundError, build_eval_stream, build_train_stream)
 from iddpm_ds.data.position import (Layout, RankPlan, full_pool, pool_size, replay,
                                     shard_pieces, shard_order)
-from iddpm_ds.data.shards import (OutputExistsError, WriteOptions, array_items, folder_items,
+from iddpm_ds.data.shards import (Item, OutputExistsError, WriteOptions, array_items, folder_items,
                                   write_items)
 from iddpm_ds.spec.data import DataSpec
 from test_data_helpers import id_shards, png_bytes, write_tar
@@ -277,3 +277,18 @@ def test_state_roundtrip_single_process(tmp_path: Path) -> None:
     assert sorted(seen) == list(range(42)) and second.stats()["epoch"] == 1
     with pytest.raises(ValueError, match="other shards or another seed"):
         _stream(spec, batch=3, seed=12).load_state_dict([state])
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_presized_shards_equal_reference_preprocessing_of_originals(tmp_path: Path, raw: bool) -> None:
+    rng = np.random.default_rng(2)
+    originals = [_encoded(rng, w, h, kind) for w, h, kind in ODD_IMAGES]
+    items = [Item(lambda d=data: ("png", d), None, f"#{i}", None) for i, data in enumerate(originals)]
+    items = [Item(it.load, str(i), it.source, i) for i, it in enumerate(items)]
+    index = write_items(items, tmp_path, WriteOptions(image_size=16, raw=raw, shuffle=False,
+                                                       progress=False), "t")
+    assert index["raw"] is raw and index["image_size"] == 16
+    spec = DataSpec(shards=str(tmp_path / "index.json"), num_workers=0, shuffle_buffer=0)
+    x, cond = next(iter(_stream(spec, size=16, batch=len(originals))))
+    for row, label in enumerate(cond["y"].tolist()):
+        np.testing.assert_array_equal(x[row].numpy(), reference_preprocess(originals[label], 16))

@@ -19,8 +19,11 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "gif")
 """Sample fields (and file extensions) read as images, as the reference's file filter."""
-DECODABLE_EXTENSIONS = IMAGE_EXTENSIONS + ("webp", "bmp", "ppm", "tif", "tiff")
-"""Fields the reader also accepts as the image when none of the reference ones is present."""
+RAW_FIELD = "npy"
+"""Field of pre-sized raw pixels (uint8 [H, W, 3] in .npy format; `iddpm-shards --raw`)."""
+DECODABLE_EXTENSIONS = IMAGE_EXTENSIONS + (RAW_FIELD, "webp", "bmp", "ppm", "tif", "tiff")
+"""Fields the reader accepts as the image, in order of preference (reference ones first)."""
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -38,19 +41,63 @@ def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     new_size = tuple(round(x * scale) for x in image.size)
     if new_size != image.size:  # PIL returns a plain copy for an equal size: skip it
         image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
-    # Cropping before the RGB conversion is exact (conversion is per pixel) and cheaper.
-    left = (image.size[0] - image_size) // 2
-    top = (image.size[1] - image_size) // 2
-    image = image.crop((left, top, left + image_size, top + image_size))
-    return np.asarray(image.convert("RGB"))  # [H, W, 3] uint8
+    # Cropping before the RGB conversion is exact (conversion is per pixel) and cheaper;
+    # both are plain copies for an image already square at the target size (pre-sized shards).
+    if image.size != (image_size, image_size):
+        left = (image.size[0] - image_size) // 2
+        top = (image.size[1] - image_size) // 2
+        image = image.crop((left, top, left + image_size, top + image_size))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image)  # [H, W, 3] uint8
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in [-1, 1], the reference's x / 127.5 - 1."""
-    x = images.permute(0, 3, 1, 2).to(torch.float32)  # [N, 3, H, W]
-    return (x / 127.5 - 1).contiguous(memory_format=torch.contiguous_format)
+    x = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    return x.div_(127.5).sub_(1)  # [N, 3, H, W]; same float32 ops as the reference, in place
 
 
-def preprocess_bytes(data: bytes, image_size: int) -> np.ndarray:
+def preprocess_bytes(data: bytes, image_size: int, field: str = "png") -> np.ndarray:
     """Encoded image -> uint8 [image_size, image_size, 3] (the per-sample worker step)."""
+    if field == RAW_FIELD:
+        return preprocess_array(decode_npy(data), image_size)
     return center_crop_arr(decode_image(data), image_size)
+
+
+def preprocess_array(array: np.ndarray, image_size: int) -> np.ndarray:
+    """uint8 pixels -> [image_size, image_size, 3]; already-sized RGB needs no work at all."""
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise ValueError(f"raw pixels must be uint8 [H, W(, C)], got {array.dtype} {array.shape}")
+    if array.shape == (image_size, image_size, 3):
+        return array
+    return center_crop_arr(Image.fromarray(array), image_size)
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """Parse .npy bytes without pickle; headers are parsed once per distinct header."""
+    if data[:6] != b"\x93NUMPY" or data[6] not in (1, 2, 3):
+        raise ValueError("not .npy data")
+    start = 10 if data[6] == 1 else 12  # header length: 2 bytes (v1) or 4 (v2, v3)
+    header = data[8:start + int.from_bytes(data[8:start], "little")]
+    info = _NPY_HEADERS.get(header)
+    if info is None:
+        fh = io.BytesIO(data[6:])
+        version = (fh.read(1)[0], fh.read(1)[0])
+        read = np.lib.format.read_array_header_1_0 if version[0] == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fh)
+        if dtype.hasobject:
+            raise ValueError("object arrays are not images")
+        info = (dtype, shape, fortran)
+        if len(_NPY_HEADERS) < 64:
+            _NPY_HEADERS[header] = info
+    dtype, shape, fortran = info
+    count = int(np.prod(shape))
+    array = np.frombuffer(data, dtype, count=count, offset=8 + len(header))
+    return array.reshape(shape, order="F" if fortran else "C")

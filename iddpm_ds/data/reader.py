@@ -64,8 +64,14 @@ def _worker_id() -> int:
 
 
 def _pack(images: np.ndarray, labels: np.ndarray, meta: Sequence[int], valid: np.ndarray) -> tuple:
-    x = to_model_range(torch.from_numpy(images))  # [N, 3, H, W] float32
-    return x, torch.from_numpy(labels), torch.tensor(meta, dtype=torch.int64), torch.from_numpy(valid)
+    """A worker's batch: only x travels as a (shared-memory) tensor; the small parts are
+    pickled, which is cheaper than one shared-memory segment each."""
+    return to_model_range(torch.from_numpy(images)), labels, tuple(meta), valid  # x [N, 3, H, W]
+
+
+def _as_is(batch: Any) -> Any:
+    """collate_fn: batches arrive ready-made (the default would turn numpy into tensors)."""
+    return batch
 
 
 class _TrainDataset(IterableDataset):
@@ -178,13 +184,14 @@ class TrainStream:
         loader = DataLoader(dataset, batch_size=None, num_workers=spec.num_workers,
                             prefetch_factor=spec.prefetch_factor if spec.num_workers else None,
                             pin_memory=dist.has_gpu(),
-                            multiprocessing_context=WORKER_START if spec.num_workers else None)
+                            multiprocessing_context=WORKER_START if spec.num_workers else None,
+                            collate_fn=_as_is)
         self._loader_iter = iter(loader)
         for x, y, meta, _ in self._loader_iter:
-            self._advance(meta.tolist(), x.shape[0])
-            yield x, ({"y": y} if cfg.class_cond else {})
+            self._advance(meta, x.shape[0])
+            yield x, ({"y": torch.from_numpy(y)} if cfg.class_cond else {})
 
-    def _advance(self, meta: list[int], size: int) -> None:
+    def _advance(self, meta: tuple[int, int, int], size: int) -> None:
         epoch, index, corrupt = meta
         if (epoch, index) != (self._epoch, self._done):  # would break the data position
             raise RuntimeError(f"data batches out of order: got epoch {epoch} batch {index}, "
@@ -322,12 +329,12 @@ class EvalStream:
             yield batch
         image, label = self._cfg.fallback
         for _ in range(self.max_batches - done):
-            x, y, _, _ = _pack(image[None].copy(), np.array([label], dtype=np.int64), (0, 0, 0),
+            x, _, _, _ = _pack(image[None].copy(), np.zeros(1, dtype=np.int64), (0, 0, 0),
                                np.zeros(1, dtype=bool))
-            yield x, self._cond(y), torch.zeros(1, dtype=torch.bool)
+            yield x, self._cond(np.array([label], dtype=np.int64)), torch.zeros(1, dtype=torch.bool)
 
-    def _cond(self, y: torch.Tensor) -> dict:
-        return {"y": y} if self._cfg.class_cond else {}
+    def _cond(self, y: np.ndarray) -> dict:
+        return {"y": torch.from_numpy(y)} if self._cfg.class_cond else {}
 
     def _iterate(self) -> Iterator[tuple[torch.Tensor, dict, torch.Tensor]]:
         if self.num_samples == 0:
@@ -337,10 +344,11 @@ class EvalStream:
         cfg = _Config(**{**self._cfg.__dict__, "workers": max(1, workers)})
         loader = DataLoader(_EvalDataset(cfg, self._start, self._stop), batch_size=None,
                             num_workers=workers, prefetch_factor=spec.prefetch_factor if workers else None,
-                            pin_memory=dist.has_gpu(), multiprocessing_context=WORKER_START if workers else None)
+                            pin_memory=dist.has_gpu(), collate_fn=_as_is,
+                            multiprocessing_context=WORKER_START if workers else None)
         for x, y, meta, valid in loader:
-            self.corrupt_samples += int(meta[2])
-            yield x, self._cond(y), valid
+            self.corrupt_samples += meta[2]
+            yield x, self._cond(y), torch.from_numpy(valid)
 
 
 def build_eval_stream(spec: DataSpec, *, image_size: int, class_cond: bool, batch_size: int,

@@ -53,7 +53,7 @@ def decode_sample(fields: dict[str, bytes], image_size: int, class_cond: bool) -
         except (UnicodeDecodeError, ValueError):
             raise CorruptSample(f"label {fields[LABEL_FIELD][:20]!r} is not an integer") from None
     try:
-        return preprocess_bytes(fields[name], image_size), label
+        return preprocess_bytes(fields[name], image_size, name), label
     except Exception as err:  # PIL raises many types for bad bytes; any of them means corrupt
         raise CorruptSample(f"undecodable image ({type(err).__name__}: {err})") from None
 
