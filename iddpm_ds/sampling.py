@@ -53,7 +53,7 @@ class LoadedModel:
     source: Path
     """The weights file."""
     weights: str
-    """"model", "ema_<rate>", or "file" for a weights file given directly."""
+    """"model" or "ema_<rate>" (from the reference's file names), else "file"."""
     step: Optional[int] = None
     """Training step of the checkpoint (None for a file outside a run dir)."""
 
@@ -145,8 +145,8 @@ def load_from_run(run_dir: Path, *, step: Optional[int] = None, weights: str = "
         model_spec = model_spec or stored_model
         diffusion_spec = diffusion_spec or stored_diffusion
     model = build_checked(model_spec, _load_state(path), str(path), device)
-    label = "model" if weights == "model" else path.name[:-len(f"_{ckpt.step_of(tag_dir.name):06d}.pt")]
-    return LoadedModel(model, model_spec, diffusion_spec, path, label, ckpt.step_of(tag_dir.name))
+    return LoadedModel(model, model_spec, diffusion_spec, path, _weights_label(path),
+                       ckpt.step_of(tag_dir.name))
 
 
 def load_from_file(path: Path, model_spec: Optional[ModelSpec] = None,
@@ -168,7 +168,15 @@ def load_from_file(path: Path, model_spec: Optional[ModelSpec] = None,
         raise SamplingError(f"{path} is not inside a run's checkpoint: give the model spec "
                             "(a job file, or the reference flags it was trained with)")
     model = build_checked(model_spec, _load_state(path), str(path), device)
-    return LoadedModel(model, model_spec, diffusion_spec, path, "file", step)
+    return LoadedModel(model, model_spec, diffusion_spec, path, _weights_label(path), step)
+
+
+def _weights_label(path: Path) -> str:
+    """"model" / "ema_<rate>" for files named as the reference names them, else "file"."""
+    import re
+
+    match = re.match(r"^(model|ema_[0-9.eE+-]+)_?\d+\.pt$", path.name)
+    return match.group(1) if match else "file"
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:

@@ -21,6 +21,9 @@ def evaluate_during_training(trainer: "Trainer") -> None:
     EMA lags early in training). Both see the same images and the same x_t noise, so their
     difference is the weights'. Writes one metrics record; training RNG streams do not move."""
     job, start = trainer.job, time.perf_counter()
+    if job.model.small_size is not None:  # held-out shards carry no low-resolution inputs
+        dist.log0("eval_skipped", step=trainer.step, reason="super-resolution model")
+        return
     diffusion = build_diffusion(job.diffusion.with_respacing(job.train.eval_respacing))
     with preserved_rng(trainer.device):  # model init and loader start-up draw from the RNGs
         stream = build_eval_stream(
