@@ -123,11 +123,7 @@ def run_specs(run_dir: Path, tag_dir: Optional[Path] = None) -> tuple[ModelSpec,
         import yaml
 
         raw = yaml.safe_load(path.read_text()) or {}
-    try:
-        return (ModelSpec.model_validate(raw.get("model") or {}),
-                DiffusionSpec.model_validate(raw.get("diffusion") or {}))
-    except ValueError as err:
-        raise SamplingError(f"the spec stored in {run_dir} is not valid here: {_one_line(err)}") from None
+    return specs_from_sections(raw, f"the spec stored in {run_dir}")
 
 
 def load_from_run(run_dir: Path, *, step: Optional[int] = None, weights: str = "ema",
@@ -262,20 +258,26 @@ def specs_from_job_file(path: Path) -> tuple[ModelSpec, DiffusionSpec]:
     not checked); learn_sigma set in either section applies to both, as in a JobSpec."""
     import yaml
 
-    from .spec.flags import specs_from_flags
-
     path = Path(path)
     if not path.is_file():
         raise SamplingError(f"job file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    return specs_from_sections(yaml.safe_load(path.read_text()) or {}, str(path))
+
+
+def specs_from_sections(raw: dict[str, Any], where: str) -> tuple[ModelSpec, DiffusionSpec]:
+    """(ModelSpec, DiffusionSpec) of a job mapping's model and diffusion sections; learn_sigma
+    set in either applies to both, as in a JobSpec. `where` names the source in errors."""
     model, diffusion = dict(raw.get("model") or {}), dict(raw.get("diffusion") or {})
     if "learn_sigma" in model and "learn_sigma" in diffusion \
             and bool(model["learn_sigma"]) != bool(diffusion["learn_sigma"]):
-        raise SamplingError(f"{path}: model.learn_sigma contradicts diffusion.learn_sigma")
+        raise SamplingError(f"{where}: model.learn_sigma contradicts diffusion.learn_sigma")
+    learn_sigma = model.get("learn_sigma", diffusion.get("learn_sigma"))
+    if learn_sigma is not None:
+        model["learn_sigma"] = diffusion["learn_sigma"] = learn_sigma
     try:
-        return specs_from_flags({**model, **diffusion})
+        return ModelSpec.model_validate(model), DiffusionSpec.model_validate(diffusion)
     except ValueError as err:
-        raise SamplingError(f"{path}: invalid model/diffusion section: {_one_line(err)}") from None
+        raise SamplingError(f"{where}: invalid model/diffusion section: {_one_line(err)}") from None
 
 
 def _one_line(err: ValueError) -> str:

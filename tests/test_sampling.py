@@ -250,6 +250,9 @@ def test_job_file_specs_share_learn_sigma(tmp_path: Path) -> None:
     path.write_text("model: {learn_sigma: true}\ndiffusion: {learn_sigma: false}\n")
     with pytest.raises(SamplingError, match="contradicts"):
         specs_from_job_file(path)
+    path.write_text("model: {diffusion_steps: 40}\n")  # strict sections, as in a JobSpec
+    with pytest.raises(SamplingError, match="invalid model/diffusion section: diffusion_steps"):
+        specs_from_job_file(path)
 
 
 # ------------------------------------------------------------------------------- output
