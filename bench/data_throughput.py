@@ -62,7 +62,8 @@ def _list_image_files(folder: str) -> list[str]:
 
 
 class _PerFileDataset(Dataset):
-    def __init__(self, resolution: int, paths: list[str], classes: list[int], rank: int, world: int):
+    def __init__(self, resolution: int, paths: list[str], classes: list[int], rank: int,
+                 world: int):
         self.resolution = resolution
         self.paths, self.classes = paths[rank::world], classes[rank::world]
 
@@ -107,7 +108,8 @@ def shard_pass(index: Path, resolution: int, batch: int, workers: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64)

@@ -34,7 +34,8 @@ def byte_size(text: str) -> int:
 def _common(parser: argparse.ArgumentParser, out_default: str | None, eval_default: int) -> None:
     parser.add_argument("-o", "--out", default=out_default, required=out_default is None,
                         help="output folder (shards + index.json)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument("--shard-size", type=int, default=1000,
+                        help="samples per shard (default 1000)")
     parser.add_argument("--max-shard-bytes", type=byte_size, default=None,
                         help="also cap each shard's size, e.g. 500MB")
     parser.add_argument("--eval-count", type=int, default=eval_default,
@@ -42,7 +43,8 @@ def _common(parser: argparse.ArgumentParser, out_default: str | None, eval_defau
     parser.add_argument("--image-size", type=int, default=None,
                         help="store images resized + centre-cropped to this size (PNG)")
     parser.add_argument("--raw", action="store_true",
-                        help="with --image-size: store uncompressed pixels (.npy), no decoding when reading")
+                        help="with --image-size: store uncompressed pixels (.npy), "
+                             "no decoding when reading")
     parser.add_argument("--seed", type=int, default=0, help="seed of shuffle and hold-out")
     parser.add_argument("--no-shuffle", action="store_true", help="keep the input order")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards/index")
@@ -56,14 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     folder = sub.add_parser("folder", help="image folder (recursive .jpg/.jpeg/.png/.gif)")
     folder.add_argument("src")
     folder.add_argument("--labels", choices=["filename", "folder", "none"], default="filename",
-                        help="class = name part before the first '_' (reference), parent folder, or none")
+                        help="class = name part before the first '_' (reference), "
+                             "parent folder, or none")
     _common(folder, None, 0)
     npz = sub.add_parser("npz", help="uint8 image array in an .npz (+ labels)")
     npz.add_argument("src")
     npz.add_argument("--images-key", default="arr_0")
     npz.add_argument("--labels-key", default="arr_1", help="labels array, used when present")
     _common(npz, None, 0)
-    digits = sub.add_parser("digits", help="scikit-learn's 8x8 digits upscaled to 32 px (demo data)")
+    digits = sub.add_parser("digits",
+                            help="scikit-learn's 8x8 digits upscaled to 32 px (demo data)")
     _common(digits, "data/digits", 200)
     digits.set_defaults(shard_size=200)
     index = sub.add_parser("index", help="write an index.json for existing local shards")
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     # digits are drawn at 32 px; recording that size lets the reader check it
     image_size = args.image_size or (32 if args.command == "digits" else None)
     options = WriteOptions(shard_size=args.shard_size, max_shard_bytes=args.max_shard_bytes,
-                           eval_count=args.eval_count, image_size=image_size, raw=args.raw, seed=args.seed,
+                           eval_count=args.eval_count, image_size=image_size, raw=args.raw,
+                           seed=args.seed,
                            shuffle=not args.no_shuffle, overwrite=args.overwrite,
                            progress=not args.quiet)
     if args.command == "folder":

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from iddpm_ds.data import (AllCorruptError, EmptySourceError, PipeNotAllowedError,
                            ShardNotFoundError, build_eval_stream, build_train_stream)
-from iddpm_ds.data.position import (Layout, RankPlan, full_pool, pool_size, replay,
+from iddpm_ds.data.position import (Layout, RankPlan, replay,
                                     shard_pieces, shard_order)
 from iddpm_ds.data.shards import (Item, OutputExistsError, WriteOptions, array_items, folder_items,
                                   write_items)
@@ -91,7 +91,8 @@ def test_random_flip_mirrors_some_samples(tmp_path: Path) -> None:
     encoded = [_encoded(rng, 20, 24, "png") for _ in range(32)]
     shard = write_tar(tmp_path / "f.tar", [(f"{i:04d}", {"png": d, "cls": str(i).encode()})
                                            for i, d in enumerate(encoded)])
-    stream = _stream(DataSpec(shards=str(shard), num_workers=0, random_flip=True), size=16, batch=32)
+    spec = DataSpec(shards=str(shard), num_workers=0, random_flip=True)
+    stream = _stream(spec, size=16, batch=32)
     x, cond = next(iter(stream))
     flipped = 0
     for row, label in enumerate(cond["y"].tolist()):
@@ -118,7 +119,8 @@ def test_corrupt_samples_are_logged_counted_and_replaced(tmp_path: Path, capfd) 
     assert not {3, 5, 8} & set(labels) and len(labels) == 12  # replaced by earlier good ones
     err = capfd.readouterr().err
     events = [json.loads(line) for line in err.splitlines() if '"data_corrupt_sample"' in line]
-    assert {(e["key"], e["shard"]) for e in events} == {(k, str(shard)) for k in ("0003", "0005", "0008")}
+    expected = {(k, str(shard)) for k in ("0003", "0005", "0008")}
+    assert {(e["key"], e["shard"]) for e in events} == expected
     assert any("missing label" in e["reason"] for e in events)
 
 
@@ -149,8 +151,8 @@ def test_source_errors_stop_before_training(tmp_path: Path) -> None:
     assert isinstance(missing.value, FileNotFoundError) and "3 of 3" in str(missing.value)
     with pytest.raises(ShardNotFoundError):
         _stream(DataSpec(shards=str(tmp_path / "index.json")))
-    bad = [write_tar(tmp_path / f"bad{i}.tar", [(f"{k}", {"png": b"junk", "cls": b"0"}) for k in range(3)])
-           for i in range(2)]
+    junk = [(f"{k}", {"png": b"junk", "cls": b"0"}) for k in range(3)]
+    bad = [write_tar(tmp_path / f"bad{i}.tar", junk) for i in range(2)]
     with pytest.raises(AllCorruptError, match="no usable sample"):
         _stream(DataSpec(shards=[str(p) for p in bad]))
     (tmp_path / "garbage.tar").write_bytes(b"\x01" * 4000)
@@ -166,18 +168,20 @@ def test_pipe_needs_the_opt_in(tmp_path: Path) -> None:
     for url in (f"pipe:cat {shard}", "https://example.com/a.tar", "s3://bucket/a.tar"):
         with pytest.raises(ValidationError, match="allow_pipe"):
             DataSpec(shards=url)
-    index = {"format": "iddpm_ds-shards-v1",
-             "splits": {"train": {"samples": 6, "shards": [{"url": f"pipe:cat {shard}", "samples": 6}]}}}
+    entry = {"url": f"pipe:cat {shard}", "samples": 6}
+    index = {"format": "iddpm_ds-shards-v1", "splits": {"train": {"samples": 6, "shards": [entry]}}}
     (tmp_path / "remote.json").write_text(json.dumps(index))
     with pytest.raises(PipeNotAllowedError):  # urls inside an index are checked too
         _stream(DataSpec(shards=str(tmp_path / "remote.json")))
-    stream = _stream(DataSpec(shards=str(tmp_path / "remote.json"), allow_pipe=True, num_workers=0), batch=3)
+    spec = DataSpec(shards=str(tmp_path / "remote.json"), allow_pipe=True, num_workers=0)
+    stream = _stream(spec, batch=3)
     labels = sorted(int(v) for _, (_, c) in zip(range(2), stream) for v in c["y"])
     assert labels == list(range(6))
 
 
 @pytest.mark.parametrize("world,workers,batch,buffer", [(2, 2, 4, 10), (3, 1, 5, 0), (1, 3, 7, 50)])
-def test_plan_serves_each_position_once_across_chained_resumes(world, workers, batch, buffer) -> None:
+def test_plan_serves_each_position_once_across_chained_resumes(world, workers, batch,
+                                                               buffer) -> None:
     total, seed, epoch = 311, 5, 2
     layouts = [Layout(world, workers, batch, buffer), Layout(world + 1, 2, batch + 1, 7, 0, 1),
                Layout(1, 1, 3, 4, 0, 2)]
@@ -208,24 +212,28 @@ def test_writer_folder_npz_and_overwrite(tmp_path: Path) -> None:
     (src / "sub" / "dogs").mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)).save(src / f"cat_{i}.png")
-        Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)).save(src / "sub" / "dogs" / f"dog_{i}.JPG", format="JPEG")
+        pixels = rng.integers(0, 256, (2, 9, 11, 3), dtype=np.uint8)
+        Image.fromarray(pixels[0]).save(src / f"cat_{i}.png")
+        Image.fromarray(pixels[1]).save(src / "sub" / "dogs" / f"dog_{i}.JPG", format="JPEG")
     (src / "notes.txt").write_text("not an image")
     items = folder_items(src)
     assert len(items) == 12 and {it.class_name for it in items} == {"cat", "dog"}
     assert {it.class_name for it in folder_items(src, labels="folder")} == {"src", "dogs"}
-    index = write_items(items, tmp_path / "out", WriteOptions(shard_size=5, eval_count=2, progress=False), "t")
+    options = WriteOptions(shard_size=5, eval_count=2, progress=False)
+    index = write_items(items, tmp_path / "out", options, "t")
     assert index["class_names"] == ["cat", "dog"]
     assert [s["samples"] for s in index["splits"]["train"]["shards"]] == [5, 5]
     assert index["splits"]["eval"]["samples"] == 2
     with tarfile.open(tmp_path / "out" / "eval-000000.tar") as tar:
-        classes = sorted(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".cls"))
+        classes = sorted(tar.extractfile(m).read() for m in tar.getmembers()
+                         if m.name.endswith(".cls"))
     assert classes == [b"0", b"1"]  # stratified hold-out: one of each class
     with pytest.raises(OutputExistsError):
         write_items(items, tmp_path / "out", WriteOptions(progress=False), "t")
     index = write_items(items, tmp_path / "out", WriteOptions(max_shard_bytes=3000, overwrite=True,
                                                               progress=False), "t")
-    assert len(index["splits"]["train"]["shards"]) > 2 and not (tmp_path / "out" / "eval-000000.tar").exists()
+    assert len(index["splits"]["train"]["shards"]) > 2
+    assert not (tmp_path / "out" / "eval-000000.tar").exists()
     arrays = rng.integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
     labels = np.array([0, 4, 4, 0, 4, 0, 4])
     index = write_items(array_items(arrays, labels), tmp_path / "npz",
@@ -252,8 +260,10 @@ def test_digits_writer_counts_and_eval_stream(tmp_path: Path) -> None:
     train, held = index["splits"]["train"], index["splits"]["eval"]
     assert (train["samples"], held["samples"]) == (1597, 200)
     assert sum(s["samples"] for s in train["shards"]) == 1597 and len(train["shards"]) == 8
-    spec = DataSpec(shards=str(out / "index.json"), eval_shards=str(out / "index.json"), num_workers=0)
-    ev = build_eval_stream(spec, image_size=32, class_cond=True, batch_size=64, rank=0, world_size=1)
+    spec = DataSpec(shards=str(out / "index.json"), eval_shards=str(out / "index.json"),
+                    num_workers=0)
+    ev = build_eval_stream(spec, image_size=32, class_cond=True, batch_size=64, rank=0,
+                           world_size=1)
     labels = torch.cat([c["y"] for _, c in ev])
     assert ev.batches == 4 and labels.bincount().tolist() == [20] * 10
     stream = build_train_stream(spec, image_size=32, class_cond=True, batch_size=100, rank=0,
@@ -280,11 +290,12 @@ def test_state_roundtrip_single_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("raw", [False, True])
-def test_presized_shards_equal_reference_preprocessing_of_originals(tmp_path: Path, raw: bool) -> None:
+def test_presized_shards_equal_reference_preprocessing_of_originals(tmp_path: Path,
+                                                                    raw: bool) -> None:
     rng = np.random.default_rng(2)
     originals = [_encoded(rng, w, h, kind) for w, h, kind in ODD_IMAGES]
-    items = [Item(lambda d=data: ("png", d), None, f"#{i}", None) for i, data in enumerate(originals)]
-    items = [Item(it.load, str(i), it.source, i) for i, it in enumerate(items)]
+    items = [Item(lambda d=data: ("png", d), str(i), f"#{i}", i)
+             for i, data in enumerate(originals)]
     index = write_items(items, tmp_path, WriteOptions(image_size=16, raw=raw, shuffle=False,
                                                        progress=False), "t")
     assert index["raw"] is raw and index["image_size"] == 16

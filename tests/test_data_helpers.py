@@ -34,7 +34,8 @@ def id_shards(folder: Path, sizes: Sequence[int], side: int = 8, prefix: str = "
         samples = []
         for _ in range(size):
             image = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-            samples.append((f"{next_id:06d}", {"png": png_bytes(image), "cls": str(next_id).encode()}))
+            fields = {"png": png_bytes(image), "cls": str(next_id).encode()}
+            samples.append((f"{next_id:06d}", fields))
             next_id += 1
         paths.append(str(write_tar(folder / f"{prefix}-{number:03d}.tar", samples)))
     return paths

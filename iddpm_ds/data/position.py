@@ -123,7 +123,7 @@ class Layout:
     batch_size: int
     shuffle_buffer: int
     worker_offset: int = 0
-    """Loader worker that served the first batch of this epoch (round robin continues across epochs)."""
+    """Loader worker that served the epoch's first batch (the round robin runs across epochs)."""
     segment: int = 0
     """Number of earlier stream lifetimes (resumes) within this epoch; seeds the shuffles."""
 
@@ -166,7 +166,8 @@ class RankPlan:
         return to_ranges(np.sort(np.concatenate(taken)))
 
 
-def shard_pieces(ranges: np.ndarray, order: np.ndarray, counts: Sequence[int]) -> list[tuple[int, int, int]]:
+def shard_pieces(ranges: np.ndarray, order: np.ndarray,
+                 counts: Sequence[int]) -> list[tuple[int, int, int]]:
     """Position ranges -> (shard, first sample, stop sample) reads, in position order."""
     ordered = np.asarray(counts, dtype=np.int64)[order]
     cum = np.concatenate([[0], np.cumsum(ordered)])
@@ -208,7 +209,8 @@ def merge_states(states: Sequence[dict], fingerprint: str, seed: int) -> tuple[i
     world = first["layout"]["world_size"]
     ranks = sorted(s["rank"] for s in states)
     if ranks != list(range(world)):
-        raise ValueError(f"need the data state of each of the {world} saving ranks once, got ranks {ranks}")
+        raise ValueError(f"need the data state of each of the {world} saving ranks once, "
+                         f"got ranks {ranks}")
     same = ("epoch", "history", "layout", "fingerprint", "seed")
     if any(s[k] != first[k] for s in states for k in same):
         raise ValueError("the ranks' data states disagree (saved at different steps?)")

@@ -90,8 +90,10 @@ def decode_npy(data: bytes) -> np.ndarray:
     if info is None:
         fh = io.BytesIO(data[6:])
         version = (fh.read(1)[0], fh.read(1)[0])
-        read = np.lib.format.read_array_header_1_0 if version[0] == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(fh)
+        if version[0] == 1:
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
         if dtype.hasobject:
             raise ValueError("object arrays are not images")
         info = (dtype, shape, fortran)

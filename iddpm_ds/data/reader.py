@@ -24,8 +24,7 @@ from .position import (Layout, RankPlan, full_pool, make_state, merge_states, po
                        replay, shard_order, shard_pieces, _rng)
 from .preprocess import to_model_range
 from .samples import BatchFiller, CorruptSample, RawSample, decode_sample, read_pieces
-from .sources import ShardList, open_url, resolve
-from .tario import TarReader
+from .sources import ShardList, resolve
 
 PROBE_SAMPLES_PER_SHARD = 16
 PROBE_SHARDS = 64
@@ -86,7 +85,8 @@ class _TrainDataset(IterableDataset):
         filler = BatchFiller(cfg.image_size, cfg.class_cond, cfg.fallback)
         epoch, pool, segment, served = self.epoch, self.pool, self.segment, 0
         while True:
-            plan = RankPlan(pool, cfg.layout(served % cfg.workers, segment), cfg.rank, cfg.seed, epoch)
+            layout = cfg.layout(served % cfg.workers, segment)
+            plan = RankPlan(pool, layout, cfg.rank, cfg.seed, epoch)
             yield from self._serve(plan, worker, filler)
             served += plan.batches
             epoch, pool, segment = epoch + 1, full_pool(cfg.shards.total), 0
@@ -343,7 +343,8 @@ class EvalStream:
         workers = min(self._cfg.workers, self.batches) if spec.num_workers else 0
         cfg = _Config(**{**self._cfg.__dict__, "workers": max(1, workers)})
         loader = DataLoader(_EvalDataset(cfg, self._start, self._stop), batch_size=None,
-                            num_workers=workers, prefetch_factor=spec.prefetch_factor if workers else None,
+                            num_workers=workers,
+                            prefetch_factor=spec.prefetch_factor if workers else None,
                             pin_memory=dist.has_gpu(), collate_fn=_as_is,
                             multiprocessing_context=WORKER_START if workers else None)
         for x, y, meta, valid in loader:
@@ -362,6 +363,7 @@ def build_eval_stream(spec: DataSpec, *, image_size: int, class_cond: bool, batc
     if num_samples is not None and num_samples > shards.total:
         dist.log0("data_eval_short", asked=num_samples, available=shards.total)
     cfg = _Config(shards, image_size, class_cond, batch_size, rank, world_size,
-                  max(1, spec.num_workers), 0, False, 0, False, _probe(shards, image_size, class_cond))
+                  max(1, spec.num_workers), 0, False, 0, False,
+                  _probe(shards, image_size, class_cond))
     start, stop = rank * total // world_size, (rank + 1) * total // world_size
     return EvalStream(cfg, spec, start, stop, total)

@@ -38,7 +38,8 @@ class RawSample:
     problem: str = ""
 
 
-def decode_sample(fields: dict[str, bytes], image_size: int, class_cond: bool) -> tuple[np.ndarray, int]:
+def decode_sample(fields: dict[str, bytes], image_size: int,
+                  class_cond: bool) -> tuple[np.ndarray, int]:
     """Fields of one sample -> (uint8 [H, W, 3], label); raises CorruptSample."""
     name = next((e for e in IMAGE_EXTENSIONS if e in fields), None)
     name = name or next((e for e in DECODABLE_EXTENSIONS if e in fields), None)

@@ -46,7 +46,7 @@ class WriteOptions:
     eval_count: int = 0
     """Samples held out into the "eval" split (stratified by class when labelled)."""
     image_size: int | None = None
-    """Store images already resized and centre-cropped (reference algorithm) to this side, as PNG."""
+    """Store images resized and centre-cropped (reference algorithm) to this side, as PNG."""
     raw: bool = False
     """With image_size: store the pixels uncompressed (.npy field) instead of PNG: no decoding
     at all when reading, shards about 1.5-2x larger than PNG for natural images."""
@@ -83,12 +83,13 @@ class ShardWriter:
 
     def write(self, key: str, fields: dict[str, bytes]) -> None:
         size = sum(512 + -(-len(v) // 512) * 512 for v in fields.values())
-        if self._tar is not None and (self._count >= self.shard_size or (
-                self.max_bytes is not None and self._count and self._bytes + size > self.max_bytes)):
+        too_big = self.max_bytes is not None and self._count and self._bytes + size > self.max_bytes
+        if self._tar is not None and (self._count >= self.shard_size or too_big):
             self._finish()
         if self._tar is None:
             name = f"{self.prefix}-{len(self.shards):06d}.tar"
-            self._tar = tarfile.open(self.out_dir / (name + ".tmp"), "w", format=tarfile.USTAR_FORMAT)
+            self._tar = tarfile.open(self.out_dir / (name + ".tmp"), "w",
+                                     format=tarfile.USTAR_FORMAT)
             self.shards.append({"url": name, "samples": 0, "bytes": 0})
         for field, data in fields.items():
             info = tarfile.TarInfo(f"{key}.{field}")
@@ -113,7 +114,7 @@ class ShardWriter:
 
 
 def _check_output(out_dir: Path, overwrite: bool) -> None:
-    old = sorted(out_dir.glob("*.tar")) + sorted(out_dir.glob(INDEX_NAME)) if out_dir.is_dir() else []
+    old = sorted(out_dir.glob("*.tar")) + sorted(out_dir.glob(INDEX_NAME))
     if old and not overwrite:
         raise OutputExistsError(f"{out_dir} already holds {len(old)} shard/index files "
                                 f"(e.g. {old[0].name}); pass --overwrite to replace them")
@@ -130,7 +131,8 @@ def _split(items: Sequence[Item], options: WriteOptions) -> dict[str, list[Item]
     if options.eval_count <= 0:
         return {"train": ordered}
     if options.eval_count >= len(items):
-        raise ValueError(f"eval_count={options.eval_count} leaves no training samples of {len(items)}")
+        raise ValueError(f"eval_count={options.eval_count} leaves no training samples "
+                         f"of {len(items)}")
     names = sorted({str(it.class_name) for it in ordered})
     held: set[int] = set()
     for rank, name in enumerate(names):  # stratified: eval_count spread evenly over classes
@@ -276,7 +278,8 @@ def index_existing(sources: Iterable[str], out: str | os.PathLike, split: str = 
     for url in urls:
         with open(url, "rb") as fh:
             shards.append({"url": os.path.relpath(url, out_path.parent),
-                           "samples": count_samples(fh, seekable=True), "bytes": os.path.getsize(url)})
+                           "samples": count_samples(fh, seekable=True),
+                           "bytes": os.path.getsize(url)})
     index = {"format": INDEX_FORMAT, "created_by": "iddpm-shards index", "image_size": None,
              "class_names": list(class_names) if class_names else None,
              "splits": {split: {"samples": sum(s["samples"] for s in shards), "shards": shards}}}

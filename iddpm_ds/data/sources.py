@@ -114,15 +114,17 @@ def resolve(source: str | Sequence[str], allow_pipe: bool, split: str) -> ShardL
             raise EmptySourceError(f"shard source {source!r} expands to no shards")
         urls = [openable_url(name, allow_pipe) for name in names]
         _check_local_exist(urls, names)
-        counts = _sibling_index_counts(urls) or [_count(url, name) for url, name in zip(urls, names)]
+        counts = _sibling_index_counts(urls) or [_count(u, n) for u, n in zip(urls, names)]
         shards = ShardList(tuple(urls), tuple(counts), names=tuple(names))
     if shards.total == 0:
-        raise EmptySourceError(f"shard source {source!r} holds {len(shards.urls)} shards but no samples")
+        raise EmptySourceError(f"shard source {source!r} holds {len(shards.urls)} shards "
+                               "but no samples")
     return shards
 
 
 def _check_local_exist(urls: Sequence[str], names: Sequence[str]) -> None:
-    missing = [name for url, name in zip(urls, names) if not is_remote(url) and not os.path.isfile(url)]
+    missing = [name for url, name in zip(urls, names)
+               if not is_remote(url) and not os.path.isfile(url)]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise ShardNotFoundError(f"{len(missing)} of {len(urls)} shard files are missing: "
@@ -163,15 +165,19 @@ def load_index(source: str, split: str, allow_pipe: bool) -> ShardList:
     path_text, _, wanted = source.partition("#")
     path = Path(openable_url(path_text, allow_pipe=False))
     if not path.is_file():
-        raise ShardNotFoundError(f"index file {path_text!r} does not exist (write one with iddpm-shards)")
+        raise ShardNotFoundError(f"index file {path_text!r} does not exist "
+                                 "(write one with iddpm-shards)")
     try:
         index = json.loads(path.read_text())
         splits = index["splits"]
     except (ValueError, KeyError, TypeError) as err:
         raise EmptySourceError(f"{path_text!r} is not an iddpm-shards index: {err}") from err
-    name = wanted or (split if split in splits else next(iter(splits)) if len(splits) == 1 else split)
+    name = wanted or split
+    if not wanted and name not in splits and len(splits) == 1:
+        name = next(iter(splits))  # a single-split index serves any reader
     if name not in splits:
-        raise EmptySourceError(f"index {path_text!r} has no split {name!r} (splits: {sorted(splits)})")
+        raise EmptySourceError(f"index {path_text!r} has no split {name!r} "
+                               f"(splits: {sorted(splits)})")
     entries = splits[name]["shards"]
     if not entries:
         raise EmptySourceError(f"split {name!r} of index {path_text!r} lists no shards")

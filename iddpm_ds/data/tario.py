@@ -117,7 +117,8 @@ class TarReader:
         """Pass over the current member's data without reading it where possible."""
         self._skip(-(-size // BLOCK) * BLOCK)
 
-    def samples(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    def samples(self, start: int = 0,
+                stop: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
         """Yield (key, {field: bytes}) for samples number start <= i < stop of the archive.
 
         The data of the samples before `start` is skipped, not read.

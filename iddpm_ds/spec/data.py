@@ -24,7 +24,8 @@ class DataSpec(Spec):
     "dir/index.json#train" to name the split), a brace pattern ("dir/train-{000000..000099}.tar"),
     or a list of those. Local paths, file:, and (with allow_pipe) pipe:, http(s):// and s3://."""
     eval_shards: Optional[ShardSource] = None
-    """Held-out shards, same forms as `shards`; an index file without "#split" picks its "eval" split."""
+    """Held-out shards, same forms as `shards`; an index file without "#split" gives its
+    "eval" split."""
     shuffle_shards: bool = True
     """Shuffle the shard order each epoch (seeded by seed and epoch; the same on every rank)."""
     shuffle_buffer: int = Field(1000, ge=0)
@@ -38,7 +39,8 @@ class DataSpec(Spec):
     """Random horizontal flip (guided-diffusion's option; the reference has none)."""
     allow_pipe: bool = False
     """Allow shard urls that run shell commands: pipe:, and http(s):// / s3:// (run as
-    `pipe:curl ...` / `pipe:aws s3 cp ...`). Off by default because a spec must not run commands unasked."""
+    `pipe:curl ...` / `pipe:aws s3 cp ...`). Off by default: a spec must not run commands
+    unasked."""
 
     @field_validator("shards", "eval_shards")
     @classmethod
@@ -47,7 +49,8 @@ class DataSpec(Spec):
             return value
         items = [value] if isinstance(value, str) else value
         if not items or any(not isinstance(v, str) or not v.strip() for v in items):
-            raise ValueError("a shard source must be a non-empty pattern, index path or list of them")
+            raise ValueError("a shard source must be a non-empty pattern, index path or "
+                             "list of them")
         return value
 
     @model_validator(mode="after")
@@ -57,6 +60,6 @@ class DataSpec(Spec):
                 items = [source] if isinstance(source, str) else (source or [])
                 bad = [v for v in items if v.startswith(_PIPE_PREFIXES)]
                 if bad:
-                    raise ValueError(f"shard url {bad[0]!r} runs a shell command; set allow_pipe: true "
-                                     "to allow it")
+                    raise ValueError(f"shard url {bad[0]!r} runs a shell command; set "
+                                     "allow_pipe: true to allow it")
         return self
