@@ -219,7 +219,8 @@ class LossSecondMomentResampler(ScheduleSampler):
         return full.to(torch.float64).mean()
 
     def _mixed(self) -> torch.Tensor:
-        """Normalised root-mean-square loss per t, times (1 - uniform_prob), plus uniform_prob / T."""
+        """Root-mean-square loss per t normalised to sum 1, times (1 - uniform_prob), plus
+        uniform_prob / T. [T] float64."""
         self._settle()
         T = self.num_timesteps
         history = self._history[:T].to(torch.float64)  # [T, H]
@@ -261,10 +262,12 @@ class LossSecondMomentResampler(ScheduleSampler):
         between (the backward pass). No host synchronisation besides that wait.
         """
         if t.ndim != 1 or losses.shape != t.shape:
-            raise ValueError(f"need t [N] and losses [N], got {tuple(t.shape)}, {tuple(losses.shape)}")
+            raise ValueError(f"need t [N] and losses [N], got {tuple(t.shape)}, "
+                             f"{tuple(losses.shape)}")
         if t.shape[0] > self.max_local_batch:
             raise ValueError(f"local batch {t.shape[0]} exceeds max_local_batch="
-                             f"{self.max_local_batch}; build the sampler with the largest micro-batch")
+                             f"{self.max_local_batch}; build the sampler with the largest "
+                             "micro-batch")
         self._settle()  # updates apply in call order
         self._pending = self._all_gather(self._pack(t, losses))
         self._p = self._weight_of_t = None
@@ -352,7 +355,8 @@ class LossSecondMomentResampler(ScheduleSampler):
         if tuple(history.shape) != (T, H) or counts.shape != (T,) or offset.shape != (T,):
             raise ValueError(f"checkpoint history {tuple(history.shape)} / counts / offsets "
                              f"do not fit T={T}, history_per_term={H}")
-        bad = (counts < 0) | (counts > H) | (offset < 0) | (offset >= H) | ((counts < H) & (offset != 0))
+        bad = (counts < 0) | (counts > H) | (offset < 0) | (offset >= H)
+        bad |= (counts < H) & (offset != 0)
         if bool(bad.any()):
             raise ValueError(f"checkpoint counts must lie in [0, {H}], offsets in [0, {H}) "
                              "and be 0 for timesteps without a full history")
