@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Negative log-likelihood in bits/dim on held-out shards (the reference's image_nll.py).
 
-    iddpm-evaluate --run runs/demo                        # the job's data.eval_shards, all of them
-    iddpm-evaluate --run runs/demo --num-samples 256 --respacing 100 --out nll.json
+    iddpm-evaluate --run-dir runs/demo                        # the job's data.eval_shards, all of them
+    iddpm-evaluate --run-dir runs/demo --num-samples 256 --respacing 100 --out nll.json
     iddpm-evaluate --checkpoint model500000.pt --eval-shards data/cifar/index.json \\
         --model-flags "--image_size 32 --num_channels 128 --learn_sigma True" \\
         --model-flags "--diffusion_steps 4000 --noise_schedule cosine"
-    deepspeed --num_gpus 8 launch/evaluate.py --run runs/demo   |   torchrun / srun likewise
+    deepspeed --num_gpus 8 launch/evaluate.py --run-dir runs/demo   |   torchrun / srun likewise
 
 Every held-out sample is evaluated by exactly one rank; results are reduced once and
 printed (rank 0) as one JSON object: bpd (total), prior_bpd, vb_bpd, mse, xstart_mse,
@@ -27,12 +27,13 @@ EXIT_BAD_INPUT = 2
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", type=Path, help="run directory (its checkpoints/ and job spec)")
+    source.add_argument("--run-dir", dest="run", type=Path,
+                        help="run directory (its checkpoints/ and job spec)")
     source.add_argument("--checkpoint", type=Path, help="plain state-dict .pt (reference or ours)")
-    parser.add_argument("--step", type=int, help="with --run: checkpoint step (default: latest complete)")
+    parser.add_argument("--step", type=int, help="with --run-dir: checkpoint step (default: latest complete)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema",
-                        help="with --run: EMA weights (default) or the raw model weights")
-    parser.add_argument("--ema-rate", type=float, help="with --run: EMA rate (default: the job's first)")
+                        help="with --run-dir: EMA weights (default) or the raw model weights")
+    parser.add_argument("--ema-rate", type=float, help="with --run-dir: EMA rate (default: the job's first)")
     parser.add_argument("--job", type=Path,
                         help="job YAML: model/diffusion sections describe the weights; its data.eval_shards "
                              "are the default held-out data")
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run is None and (args.step is not None or args.ema_rate is not None):
-        parser.error("--step and --ema-rate need --run")
+        parser.error("--step and --ema-rate need --run-dir")
     if args.job and args.model_flags:
         parser.error("give the model spec with --job or with --model-flags, not both")
     if args.num_samples is not None and args.num_samples < 1:

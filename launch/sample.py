@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Sample images from a trained model (DDPM or DDIM), split across ranks, into one .npz.
 
-    iddpm-sample --run runs/demo --num-samples 64 --respacing ddim50
-    iddpm-sample --run runs/demo --step 20000 --weights model --respacing 250 --seed 3
+    iddpm-sample --run-dir runs/demo --num-samples 64 --respacing ddim50
+    iddpm-sample --run-dir runs/demo --step 20000 --weights model --respacing 250 --seed 3
     iddpm-sample --checkpoint ema_0.9999_500000.pt --num-samples 16 \\
         --model-flags "--image_size 64 --num_channels 128 --num_res_blocks 3 --learn_sigma True" \\
         --model-flags "--diffusion_steps 4000 --noise_schedule cosine" --respacing 100
-    deepspeed --num_gpus 8 launch/sample.py --run runs/demo --num-samples 50000 --batch-size 64
+    deepspeed --num_gpus 8 launch/sample.py --run-dir runs/demo --num-samples 50000 --batch-size 64
     torchrun --nproc_per_node 8 launch/sample.py ...   |   srun python launch/sample.py ...
+
+(--run-dir, which also works abbreviated as --run outside torchrun; torchrun itself would
+take a bare --run for its own --run-path.)
 
 Weights: a run dir's newest complete checkpoint (or --step), EMA (--ema-rate, default the
 job's first rate) or raw (--weights model); or a plain state-dict file (--checkpoint, the
@@ -31,12 +34,13 @@ EXIT_BAD_INPUT = 2
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", type=Path, help="run directory (its checkpoints/ and job spec)")
+    source.add_argument("--run-dir", dest="run", type=Path,
+                        help="run directory (its checkpoints/ and job spec)")
     source.add_argument("--checkpoint", type=Path, help="plain state-dict .pt (reference or ours)")
-    parser.add_argument("--step", type=int, help="with --run: checkpoint step (default: latest complete)")
+    parser.add_argument("--step", type=int, help="with --run-dir: checkpoint step (default: latest complete)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema",
-                        help="with --run: EMA weights (default) or the raw model weights")
-    parser.add_argument("--ema-rate", type=float, help="with --run: EMA rate (default: the job's first)")
+                        help="with --run-dir: EMA weights (default) or the raw model weights")
+    parser.add_argument("--ema-rate", type=float, help="with --run-dir: EMA rate (default: the job's first)")
     parser.add_argument("--job", type=Path, help="job YAML whose model/diffusion sections describe the weights")
     parser.add_argument("--model-flags", nargs="+", action="extend", default=[], metavar="FLAGS",
                         help='reference flags: "--image_size 64 --learn_sigma True" or image_size=64 ...')
@@ -55,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run is None and (args.step is not None or args.ema_rate is not None):
-        parser.error("--step and --ema-rate need --run")
+        parser.error("--step and --ema-rate need --run-dir")
     if args.job and args.model_flags:
         parser.error("give the model spec with --job or with --model-flags, not both")
     return args
@@ -81,7 +85,7 @@ def parse_labels(text: str | None) -> tuple[int, ...] | None:
 
 
 def load(args: argparse.Namespace, device):
-    """The model with its specs, from --run or --checkpoint (+ --job / --model-flags)."""
+    """The model with its specs, from --run-dir or --checkpoint (+ --job / --model-flags)."""
     from iddpm_ds import sampling
 
     specs = (None, None)

@@ -165,7 +165,7 @@ def test_cli_evaluate_reports_json(tmp_path: Path) -> None:
     index = str(write_shards(tmp_path / "shards", images, labels, eval_count=6))
     data = DataSpec(shards=index, eval_shards=index, num_workers=0)
     run_dir = make_run(tmp_path / "run", *tiny_specs(), data=data)
-    proc = _cli("--run", str(run_dir), "--num-samples", "5", "--batch-size", "2",
+    proc = _cli("--run-dir", str(run_dir), "--num-samples", "5", "--batch-size", "2",
                 "--respacing", "4", "--weights", "model", "--out", str(tmp_path / "nll.json"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -176,7 +176,7 @@ def test_cli_evaluate_reports_json(tmp_path: Path) -> None:
     assert set(report["terms"]) == {"vb", "mse", "xstart_mse"} and len(report["terms"]["vb"]) == 4
     # no held-out data anywhere: exit 2, one message
     bare = make_run(tmp_path / "bare", *tiny_specs())
-    proc = _cli("--run", str(bare))
+    proc = _cli("--run-dir", str(bare))
     assert proc.returncode == 2
     assert [l for l in proc.stderr.splitlines() if l.startswith("error:")] == [
         "error: no held-out data: give --eval-shards (or a job with data.eval_shards)"]

@@ -329,7 +329,7 @@ def _errors(proc: subprocess.CompletedProcess) -> list[str]:
 
 def test_cli_sample_writes_npz_and_grid_and_reports_speed(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", *tiny_specs(class_cond=True, num_classes=3))
-    proc = _cli("sample.py", "--run", str(run_dir), "--num-samples", "5", "--batch-size", "2",
+    proc = _cli("sample.py", "--run-dir", str(run_dir), "--num-samples", "5", "--batch-size", "2",
                 "--respacing", "ddim4", "--class-labels", "2,0", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -343,7 +343,7 @@ def test_cli_sample_writes_npz_and_grid_and_reports_speed(tmp_path: Path) -> Non
 
 def test_cli_sample_bad_input_exits_2_with_one_message(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", *tiny_specs(class_cond=True, num_classes=3))
-    proc = _cli("sample.py", "--run", str(run_dir), "--ema-rate", "0.5", "--class-labels", "1")
+    proc = _cli("sample.py", "--run-dir", str(run_dir), "--ema-rate", "0.5", "--class-labels", "1")
     assert proc.returncode == 2
     assert _errors(proc) == ["error: no EMA weights at rate 0.5 in "
                              f"{run_dir}/checkpoints/step0000010; available rates: 0.999, 0.9999 "
@@ -357,10 +357,9 @@ def test_cli_sample_bad_input_exits_2_with_one_message(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_cli_under_torchrun_matches_one_process(tmp_path: Path) -> None:
-    torch.save(tiny_model(tiny_specs()[0], seed=2).state_dict(), tmp_path / "ref.pt")
-    common = ["--checkpoint", str(tmp_path / "ref.pt"), "--model-flags", TINY_FLAGS,
-              "--num-samples", "5", "--batch-size", "2", "--respacing", "5", "--seed", "4",
-              "--no-progress"]
+    run_dir = make_run(tmp_path / "run", *tiny_specs(class_cond=True, num_classes=6))
+    common = ["--run-dir", str(run_dir), "--num-samples", "5", "--batch-size", "2",
+              "--respacing", "5", "--seed", "4", "--no-progress"]
     one = _cli("sample.py", *common, "--out", str(tmp_path / "one.npz"))
     two = _cli("sample.py", *common, "--out", str(tmp_path / "two.npz"),
                launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -370,3 +369,4 @@ def test_cli_under_torchrun_matches_one_process(tmp_path: Path) -> None:
     assert json.loads(two.stdout.strip().splitlines()[-1])["world_size"] == 2
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         assert a["arr_0"].shape == (5, 8, 8, 3) and np.array_equal(a["arr_0"], b["arr_0"])
+        assert np.array_equal(a["arr_1"], b["arr_1"])
