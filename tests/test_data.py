@@ -285,6 +285,9 @@ def test_state_roundtrip_single_process(tmp_path: Path) -> None:
     left = second.batches_left_in_epoch
     seen += [int(v) for _, (_, c) in zip(range(left), second) for v in c["y"]]
     assert sorted(seen) == list(range(42)) and second.stats()["epoch"] == 1
+    bigger = _stream(spec, batch=40, seed=11)  # 27 left < one batch of 40: that epoch is over
+    bigger.load_state_dict([state])
+    assert bigger.stats()["epoch"] == 1 and bigger.batches_left_in_epoch == 1
     with pytest.raises(ValueError, match="other shards or another seed"):
         _stream(spec, batch=3, seed=12).load_state_dict([state])
 

@@ -152,7 +152,7 @@ class TrainStream:
         if self._gen is not None:
             raise RuntimeError("load_state_dict must be called before iterating the stream")
         cfg = self._cfg
-        epoch, history = merge_states(rank_states, cfg.shards.fingerprint(), cfg.seed)
+        epoch, history = merge_states(rank_states, self._fingerprint(), cfg.seed)
         self._epoch, self._history = epoch, history
         self._pool = replay(cfg.shards.total, history, cfg.seed, epoch)
         self._done, self._served = 0, 0
@@ -165,8 +165,12 @@ class TrainStream:
         """This rank's position after the last batch it yielded (plain JSON types)."""
         cfg = self._cfg
         layout = cfg.layout(self._served % cfg.workers, len(self._history))
-        return make_state(cfg.shards.fingerprint(), cfg.seed, self._epoch, list(self._history),
+        return make_state(self._fingerprint(), cfg.seed, self._epoch, list(self._history),
                           layout, cfg.rank, self._done)
+
+    def _fingerprint(self) -> str:
+        """Shard list + shard shuffle: what maps saved positions to the same samples."""
+        return f"{self._cfg.shards.fingerprint()}-{'s' if self._cfg.shuffle_shards else 'o'}"
 
     def stats(self) -> dict:
         return {"epoch": self._epoch, "batches_in_epoch": self._done,

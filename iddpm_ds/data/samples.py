@@ -21,6 +21,8 @@ from .tario import TarReader
 
 LABEL_FIELD = "cls"
 """Sample field holding the integer class label as text (the WebDataset convention)."""
+LOG_EVERY_AFTER = 100
+"""A worker logs its first 100 corrupt samples one by one, then every 100th (with a count)."""
 
 
 class CorruptSample(Exception):
@@ -93,6 +95,7 @@ class BatchFiller:
     def __init__(self, image_size: int, class_cond: bool, fallback: tuple[np.ndarray, int]):
         self.image_size, self.class_cond = image_size, class_cond
         self.last_good = fallback
+        self.corrupt_total = 0
 
     def fill(self, raws: Sequence[RawSample], images: np.ndarray, labels: np.ndarray,
              valid: np.ndarray) -> int:
@@ -106,10 +109,17 @@ class BatchFiller:
                     raw.fields, self.image_size, self.class_cond)
                 valid[i] = True
             except CorruptSample as err:
+                self.corrupt_total += 1
                 if raw.fields is not None:  # missing ones were logged once per shard piece
-                    dist.log("data_corrupt_sample", shard=raw.shard, key=raw.key,
-                             sample=raw.index, reason=str(err))
+                    self._log(raw, str(err))
                 images[i], labels[i] = self.last_good
                 valid[i] = False
                 corrupt += 1
         return corrupt
+
+    def _log(self, raw: RawSample, reason: str) -> None:
+        """One line per corrupt sample, thinned out once a worker has seen many."""
+        total = self.corrupt_total
+        if total <= LOG_EVERY_AFTER or total % LOG_EVERY_AFTER == 0:
+            dist.log("data_corrupt_sample", shard=raw.shard, key=raw.key, sample=raw.index,
+                     reason=reason, worker_corrupt_total=total)

@@ -163,6 +163,9 @@ def _sibling_index_counts(urls: Sequence[str]) -> list[int] | None:
 def load_index(source: str, split: str, allow_pipe: bool) -> ShardList:
     """Read an index file ("path.json" or "path.json#split"); shard urls relative to it."""
     path_text, _, wanted = source.partition("#")
+    if is_remote(path_text):
+        raise EmptySourceError(f"index file {path_text!r} must be a local path or file: url "
+                               "(its shard urls may be remote)")
     path = Path(openable_url(path_text, allow_pipe=False))
     if not path.is_file():
         raise ShardNotFoundError(f"index file {path_text!r} does not exist "
