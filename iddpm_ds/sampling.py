@@ -181,7 +181,8 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle/zip errors come in many types; any means unreadable
-        raise SamplingError(f"cannot read {path} as a state dict: {type(err).__name__}: {err}") from None
+        raise SamplingError(f"cannot read {path} as a state dict: "
+                            f"{type(err).__name__}: {err}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SamplingError(f"{path} is not a plain state dict (name -> tensor); for a DeepSpeed "
                             "checkpoint use the exported model/ema files next to it")
@@ -417,7 +418,8 @@ def ddim_step(diffusion: SpacedDiffusion, coefs: _Coefficients, model: Any, x: t
     alpha_bar_prev = coefs.at("alphas_cumprod_prev", t, x)
     sigma = (eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
              * torch.sqrt(1 - alpha_bar / alpha_bar_prev))
-    sample = pred_xstart * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
+    sample = (pred_xstart * torch.sqrt(alpha_bar_prev)
+              + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps)
     if noise is not None:
         sample = sample + _nonzero_mask(t, x) * sigma * noise
     return sample

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Negative log-likelihood in bits/dim on held-out shards (the reference's image_nll.py).
 
-    iddpm-evaluate --run-dir runs/demo                        # the job's data.eval_shards, all of them
+    iddpm-evaluate --run-dir runs/demo              # the job's data.eval_shards, all of them
     iddpm-evaluate --run-dir runs/demo --num-samples 256 --respacing 100 --out nll.json
     iddpm-evaluate --checkpoint model500000.pt --eval-shards data/cifar/index.json \\
         --model-flags "--image_size 32 --num_channels 128 --learn_sigma True" \\
@@ -25,31 +25,32 @@ EXIT_BAD_INPUT = 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run-dir", dest="run", type=Path,
                         help="run directory (its checkpoints/ and job spec)")
     source.add_argument("--checkpoint", type=Path, help="plain state-dict .pt (reference or ours)")
-    parser.add_argument("--step", type=int, help="with --run-dir: checkpoint step (default: latest complete)")
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
-                        help="with --run-dir: EMA weights (default) or the raw model weights")
-    parser.add_argument("--ema-rate", type=float, help="with --run-dir: EMA rate (default: the job's first)")
-    parser.add_argument("--job", type=Path,
-                        help="job YAML: model/diffusion sections describe the weights; its data.eval_shards "
-                             "are the default held-out data")
-    parser.add_argument("--model-flags", nargs="+", action="extend", default=[], metavar="FLAGS",
-                        help='reference flags: "--image_size 64 --learn_sigma True" or image_size=64 ...')
-    parser.add_argument("--eval-shards", help="held-out shards: index.json (its eval split), a brace "
-                                              "pattern or a list with commas (default: the job's)")
-    parser.add_argument("--num-samples", type=int, help="evaluate only the first N held-out samples")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass per rank")
-    parser.add_argument("--respacing", help='"" (default: every step, the full bound) or e.g. "100"')
-    parser.add_argument("--no-clip", action="store_true", help="do not clip predicted x_0 to [-1, 1]")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the x_t noise (with the rank)")
-    parser.add_argument("--num-workers", type=int, help="data loader workers per rank")
-    parser.add_argument("--out", type=Path, help="also write the JSON to this file")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add = parser.add_argument
+    add("--step", type=int, help="with --run-dir: checkpoint step (default: latest complete)")
+    add("--weights", choices=("ema", "model"), default="ema",
+        help="with --run-dir: EMA weights (default) or the raw model weights")
+    add("--ema-rate", type=float, help="with --run-dir: EMA rate (default: the job's first)")
+    add("--job", type=Path, help="job YAML: model/diffusion sections describe the weights; "
+                                 "its data.eval_shards are the default held-out data")
+    add("--model-flags", nargs="+", action="extend", default=[], metavar="FLAGS",
+        help='reference flags: "--image_size 64 --learn_sigma True" or image_size=64 ...')
+    add("--eval-shards", help="held-out shards: index.json (its eval split), a brace pattern "
+                              "or a list with commas (default: the job's)")
+    add("--num-samples", type=int, help="evaluate only the first N held-out samples")
+    add("--batch-size", type=int, default=16, help="images per forward pass per rank")
+    add("--respacing", help='"" (default: every step, the full bound) or e.g. "100"')
+    add("--no-clip", action="store_true", help="do not clip predicted x_0 to [-1, 1]")
+    add("--seed", type=int, default=0, help="seed of the x_t noise (with the rank)")
+    add("--num-workers", type=int, help="data loader workers per rank")
+    add("--out", type=Path, help="also write the JSON to this file")
+    add("--no-progress", action="store_true", help="no progress bar")
+    add("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run is None and (args.step is not None or args.ema_rate is not None):
         parser.error("--step and --ema-rate need --run-dir")
@@ -95,9 +96,9 @@ def data_spec(args: argparse.Namespace):
     if job_file is not None and job_file.is_file():
         section = dict((yaml.safe_load(job_file.read_text()) or {}).get("data") or {})
     if args.eval_shards:
-        shards = args.eval_shards.split(",") if "," in args.eval_shards and "{" not in args.eval_shards \
-            else args.eval_shards
-        section["eval_shards"] = shards
+        # commas separate a list, except inside a brace pattern such as {000..009}
+        listed = "," in args.eval_shards and "{" not in args.eval_shards
+        section["eval_shards"] = args.eval_shards.split(",") if listed else args.eval_shards
     if args.num_workers is not None:
         section["num_workers"] = args.num_workers
     if not section.get("eval_shards"):

@@ -32,31 +32,33 @@ EXIT_BAD_INPUT = 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run-dir", dest="run", type=Path,
                         help="run directory (its checkpoints/ and job spec)")
     source.add_argument("--checkpoint", type=Path, help="plain state-dict .pt (reference or ours)")
-    parser.add_argument("--step", type=int, help="with --run-dir: checkpoint step (default: latest complete)")
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
-                        help="with --run-dir: EMA weights (default) or the raw model weights")
-    parser.add_argument("--ema-rate", type=float, help="with --run-dir: EMA rate (default: the job's first)")
-    parser.add_argument("--job", type=Path, help="job YAML whose model/diffusion sections describe the weights")
-    parser.add_argument("--model-flags", nargs="+", action="extend", default=[], metavar="FLAGS",
-                        help='reference flags: "--image_size 64 --learn_sigma True" or image_size=64 ...')
-    parser.add_argument("--num-samples", type=int, default=16, help="images over all ranks (default 16)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass per rank")
-    parser.add_argument("--respacing", help='"250", "10,10,10", "ddim50"; default: the spec\'s (all steps)')
-    parser.add_argument("--sampler", choices=("auto", "ddpm", "ddim"), default="auto",
-                        help="auto: DDIM when the respacing starts with 'ddim', else DDPM")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0: deterministic)")
-    parser.add_argument("--class-labels", help="comma list cycled over the images (default: random)")
-    parser.add_argument("--no-clip", action="store_true", help="do not clip predicted x_0 to [-1, 1]")
-    parser.add_argument("--seed", type=int, default=0, help="fixes every image (with its index)")
-    parser.add_argument("--out", type=Path, help="output folder, or a path ending in .npz")
-    parser.add_argument("--grid-count", type=int, default=64, help="images in the PNG grid")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    add = parser.add_argument
+    add("--step", type=int, help="with --run-dir: checkpoint step (default: latest complete)")
+    add("--weights", choices=("ema", "model"), default="ema",
+        help="with --run-dir: EMA weights (default) or the raw model weights")
+    add("--ema-rate", type=float, help="with --run-dir: EMA rate (default: the job's first)")
+    add("--job", type=Path, help="job YAML whose model/diffusion sections describe the weights")
+    add("--model-flags", nargs="+", action="extend", default=[], metavar="FLAGS",
+        help='reference flags: "--image_size 64 --learn_sigma True" or image_size=64 ...')
+    add("--num-samples", type=int, default=16, help="images over all ranks (default 16)")
+    add("--batch-size", type=int, default=16, help="images per forward pass per rank")
+    add("--respacing", help='"250", "10,10,10", "ddim50"; default: the spec\'s (all steps)')
+    add("--sampler", choices=("auto", "ddpm", "ddim"), default="auto",
+        help="auto: DDIM when the respacing starts with 'ddim', else DDPM")
+    add("--eta", type=float, default=0.0, help="DDIM noise scale (0: deterministic)")
+    add("--class-labels", help="comma list cycled over the images (default: random)")
+    add("--no-clip", action="store_true", help="do not clip predicted x_0 to [-1, 1]")
+    add("--seed", type=int, default=0, help="fixes every image (with its index)")
+    add("--out", type=Path, help="output folder, or a path ending in .npz")
+    add("--grid-count", type=int, default=64, help="images in the PNG grid")
+    add("--no-progress", action="store_true", help="no progress bar")
+    add("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run is None and (args.step is not None or args.ema_rate is not None):
         parser.error("--step and --ema-rate need --run-dir")
@@ -81,7 +83,8 @@ def parse_labels(text: str | None) -> tuple[int, ...] | None:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise SamplingError(f"--class-labels must be comma-separated integers, got {text!r}") from None
+        raise SamplingError(f"--class-labels must be comma-separated integers, got {text!r}") \
+            from None
 
 
 def load(args: argparse.Namespace, device):
@@ -102,7 +105,8 @@ def load(args: argparse.Namespace, device):
 
 def default_out(args: argparse.Namespace, loaded, respacing: str, sampler: str) -> Path:
     step = f"_{loaded.step:06d}" if loaded.step is not None else ""
-    name = f"{loaded.weights}{step}_{respacing or 'full'}_{sampler}_seed{args.seed}".replace(",", "-")
+    name = f"{loaded.weights}{step}_{respacing or 'full'}_{sampler}_seed{args.seed}"
+    name = name.replace(",", "-")
     base = args.run / "samples" if args.run else Path("samples")
     return base / name
 
@@ -120,13 +124,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from iddpm_ds import dist
-    from iddpm_ds.sampling import SampleOptions, SamplingError, check_labels, respaced, sample, write_samples
+    from iddpm_ds.sampling import (SampleOptions, SamplingError, check_labels, respaced, sample,
+                                   write_samples)
 
     try:
         loaded = load(args, dist.device())
         diffusion = respaced(loaded.diffusion_spec, args.respacing)
-        respacing = args.respacing if args.respacing is not None else loaded.diffusion_spec.timestep_respacing
-        use_ddim = args.sampler == "ddim" or (args.sampler == "auto" and respacing.startswith("ddim"))
+        respacing = (args.respacing if args.respacing is not None
+                     else loaded.diffusion_spec.timestep_respacing)
+        use_ddim = args.sampler == "ddim" or (args.sampler == "auto"
+                                              and respacing.startswith("ddim"))
         opts = SampleOptions(num_samples=args.num_samples, batch_size=args.batch_size,
                              use_ddim=use_ddim, eta=args.eta, clip_denoised=not args.no_clip,
                              seed=args.seed, class_labels=parse_labels(args.class_labels),

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from iddpm_ds import DiffusionSpec, ModelSpec, build_diffusion, build_model
+from iddpm_ds import DiffusionSpec, ModelSpec, build_diffusion
 from iddpm_ds.evaluation import evaluate_bpd, evaluate_shards, noise_seed
 from iddpm_ds.sampling import SamplingError, respaced
 from iddpm_ds.spec.data import DataSpec
@@ -41,7 +41,8 @@ def write_shards(out: Path, images: np.ndarray, labels: np.ndarray, eval_count: 
     from iddpm_ds.data.shards import WriteOptions, array_items, write_items
 
     write_items(array_items(images, labels), out,
-                WriteOptions(shard_size=4, eval_count=eval_count, progress=False), created_by="test")
+                WriteOptions(shard_size=4, eval_count=eval_count, progress=False),
+                created_by="test")
     return out / "index.json"
 
 
@@ -62,8 +63,8 @@ def test_result_is_calc_bpd_loops_mean_over_unmasked_samples() -> None:
     mask = torch.tensor([True, False, True, True])
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    result = evaluate_bpd(model, diffusion, [(x, {}, mask), (x[:1], {}, torch.zeros(1, dtype=torch.bool))],
-                          device=CPU, seed=3)
+    padding = (x[:1], {}, torch.zeros(1, dtype=torch.bool))
+    result = evaluate_bpd(model, diffusion, [(x, {}, mask), padding], device=CPU, seed=3)
     assert torch.equal(torch.get_rng_state(), state), "evaluation must not move the caller's RNG"
     keep = out["total_bpd"][mask]
     assert result["num_samples"] == 3
@@ -90,7 +91,8 @@ def test_bpd_is_finite_and_falls_as_a_model_trains_on_the_demo_set() -> None:
     model_spec = ModelSpec(**TINY)
     diffusion_spec = DiffusionSpec(learn_sigma=True, diffusion_steps=100, noise_schedule="cosine")
     model = tiny_model(model_spec, seed=0)
-    train_diffusion, eval_diffusion = build_diffusion(diffusion_spec), respaced(diffusion_spec, "10")
+    train_diffusion = build_diffusion(diffusion_spec)
+    eval_diffusion = respaced(diffusion_spec, "10")
     before = evaluate_bpd(model.eval(), eval_diffusion, [(x, {})], device=CPU)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     model.train()
@@ -201,15 +203,18 @@ def test_eval_during_training_logs_bpd_and_leaves_training_unchanged(tmp_path: P
     for run, interval in (("with_eval", 2), ("without_eval", 0)):
         proc = subprocess.run(
             [sys.executable, str(ROOT / "launch" / "train.py"), "--job", str(tmp_path / "job.yaml"),
-             "--set", f"output.run_dir={tmp_path / run}", "--set", f"train.eval_interval={interval}"],
+             "--set", f"output.run_dir={tmp_path / run}",
+             "--set", f"train.eval_interval={interval}"],
             capture_output=True, text=True, env=env, timeout=240)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(l) for l in (tmp_path / "with_eval" / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "with_eval" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
     evals = [r for r in records if "eval_bpd" in r]
     assert [r["step"] for r in evals] == [2, 4]
     for r in evals:
         assert r["eval_samples"] == 6 and r["eval_ema_rate"] == 0.9
-        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("eval_bpd", "eval_bpd_model", "eval_mse"))
+        for key in ("eval_bpd", "eval_bpd_model", "eval_mse"):
+            assert math.isfinite(r[key]) and r[key] > 0
     without = (tmp_path / "without_eval" / "metrics.jsonl").read_text()
     assert "eval_bpd" not in without
     # evaluation must not shift any training RNG stream: identical weights after 4 steps

@@ -54,7 +54,8 @@ def make_run(run_dir: Path, model_spec: ModelSpec, diffusion_spec: DiffusionSpec
     for step in steps:
         tag_dir = ckpt_dir / ckpt.tag_for(step)
         tag_dir.mkdir(parents=True)
-        torch.save(tiny_model(model_spec, seed=step).state_dict(), tag_dir / ckpt.export_name_model(step))
+        torch.save(tiny_model(model_spec, seed=step).state_dict(),
+                   tag_dir / ckpt.export_name_model(step))
         for i, rate in enumerate(rates):
             torch.save(tiny_model(model_spec, seed=step * 100 + i).state_dict(),
                        tag_dir / ckpt.export_name_ema(rate, step))
@@ -151,7 +152,8 @@ def test_images_do_not_depend_on_batch_size(use_ddim: bool, eta: float) -> None:
 
 def test_rank_batches_cover_every_image_once() -> None:
     for n, b, world in [(5, 2, 2), (7, 3, 3), (1, 4, 2), (16, 4, 4)]:
-        seen = sorted(i for r in range(world) for batch in rank_batches(n, b, r, world) for i in batch)
+        seen = sorted(i for r in range(world)
+                      for batch in rank_batches(n, b, r, world) for i in batch)
         assert seen == list(range(n))
     assert rank_batches(5, 2, 1, 2) == [range(2, 4)]
 
@@ -210,7 +212,8 @@ def test_reference_format_state_dict_loads_and_samples(tmp_path: Path) -> None:
     reference = tiny_model(model_spec, seed=3)
     torch.save(reference.state_dict(), tmp_path / "ema_0.9999_000100.pt")  # an OrderedDict
     loaded = load_from_file(tmp_path / "ema_0.9999_000100.pt", model_spec, diffusion_spec)
-    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+    expected = reference.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.model.state_dict().items())
     result = sample(loaded.model, respaced(diffusion_spec, "ddim4"), model_spec, SampleOptions(
         num_samples=3, batch_size=3, use_ddim=True, class_labels=(7,), progress=False), CPU)
     assert result.images.shape == (3, 8, 8, 3) and result.labels.tolist() == [7, 7, 7]
@@ -284,7 +287,8 @@ def test_mismatched_spec_names_the_keys(tmp_path: Path) -> None:
     model_spec, diffusion_spec = tiny_specs()
     torch.save(tiny_model(model_spec).state_dict(), tmp_path / "w.pt")
     with pytest.raises(SamplingError, match=r"out\.2\.weight \(6, 32, 3, 3\) vs \(3, 32, 3, 3\)"):
-        load_from_file(tmp_path / "w.pt", ModelSpec(**{**TINY, "learn_sigma": False}), diffusion_spec)
+        load_from_file(tmp_path / "w.pt", ModelSpec(**{**TINY, "learn_sigma": False}),
+                       diffusion_spec)
     with pytest.raises(SamplingError, match=r"1 missing keys: label_emb\.weight"):
         load_from_file(tmp_path / "w.pt", ModelSpec(**{**TINY, "class_cond": True}), diffusion_spec)
     with pytest.raises(SamplingError, match="give the model spec"):
@@ -308,7 +312,8 @@ def test_bad_respacing_and_labels_are_clear() -> None:
         respaced(diffusion_spec, "ddim17")
     with pytest.raises(SamplingError, match="cannot take 50 steps"):
         respaced(diffusion_spec, "50")
-    with pytest.raises(SamplingError, match=r"\[10\] out of range.*num_classes=10 \(labels 0\.\.9\)"):
+    with pytest.raises(SamplingError,
+                       match=r"\[10\] out of range.*num_classes=10 \(labels 0\.\.9\)"):
         check_labels(model_spec, (3, 10))
     with pytest.raises(SamplingError, match="not class-conditional"):
         check_labels(tiny_specs()[0], (1,))
