@@ -1,7 +1,10 @@
-"""Shared test set-up: keep each test process to few threads (2-core CI machine)."""
+"""Shared test set-up: few threads per process (2-core CI machine), the digits shards."""
 import os
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -11,3 +14,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """The bundled demo data (sklearn digits), written once per test session."""
+    out = tmp_path_factory.mktemp("digits")
+    subprocess.run([sys.executable, str(ROOT / "launch" / "make_shards.py"), "digits", "--out",
+                    str(out), "--overwrite", "--quiet"], check=True, capture_output=True)
+    return out

@@ -30,13 +30,11 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, ar
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        result = fn(rank, world_size, *args)
-        with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as fh:
-            pickle.dump(result, fh)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+    result = fn(rank, world_size, *args)  # an exception ends this rank: spawn reports it
+    with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as fh:
+        pickle.dump(result, fh)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:

@@ -71,10 +71,11 @@ class MasterWeights:
         backup = [t.detach().clone() for t in self._local]
         try:
             for name, param in zip(self.names, self.params):
-                safe_set_full_fp32_param(param, state[name].to(torch.float32))
+                _set_full_fp32(param, state[name].to(torch.float32))
             return [t.detach().clone() for t in self._local]
         finally:
-            torch._foreach_copy_(self._local, backup)
+            with torch.no_grad():
+                torch._foreach_copy_(self._local, backup)
 
     @contextmanager
     def _swapped(self, local: list[torch.Tensor] | None) -> Iterator[None]:
@@ -89,3 +90,20 @@ class MasterWeights:
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(self._local, backup)
+
+
+
+def _set_full_fp32(param: torch.Tensor, value: torch.Tensor) -> None:
+    """safe_set_full_fp32_param, except for ZeRO-3 where DeepSpeed 0.19.8 slices past the
+    end of the value on the rank holding the padded last partition ("start + length
+    exceeds dimension size"); there the slice is copied by hand with the same mapping."""
+    if not hasattr(param, "ds_id"):
+        safe_set_full_fp32_param(param, value)
+        return
+    optimizer = param._z3_optimizer
+    partition, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+    start = partition.numel() * optimizer._get_param_partition_rank(param)
+    piece = value.flatten()[start: start + partition.numel()]
+    with torch.no_grad():
+        partition.zero_()
+        partition[: piece.numel()].copy_(piece)

@@ -1,0 +1,74 @@
+"""Helpers for tests that run the real training service in real processes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from mp_utils import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "launch" / "train.py"
+
+
+def tiny_job(tmp_path: Path, shards_dir: Path, **overrides) -> Path:
+    """A 16 px, ~0.3M-parameter job on the digits shards; overrides: {"train.lr": 1e-3, ...}."""
+    job = {
+        "model": {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": [1, 2],
+                  "attention_resolutions": "8", "learn_sigma": True, "class_cond": True,
+                  "num_classes": 10},
+        "diffusion": {"diffusion_steps": 100, "noise_schedule": "cosine"},
+        "data": {"shards": f"{shards_dir}/index.json#train", "eval_shards": f"{shards_dir}/index.json#eval",
+                 "num_workers": 1, "shuffle_buffer": 64},
+        "train": {"batch_size": 8, "lr": 2e-3, "warmup_steps": 3, "ema_rate": "0.9,0.5",
+                  "log_interval": 5, "save_interval": 1000, "max_steps": 20,
+                  "schedule_sampler": "loss-second-moment"},
+        "precision": "fp32",
+        "deepspeed": {"zero_stage": 1},
+        "output": {"run_dir": str(tmp_path / "run"), "tensorboard": False},
+    }
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        job[section][key] = value
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def train_cmd(nprocs: int, *args: str, launcher: str = "deepspeed") -> list[str]:
+    if nprocs == 1 and launcher == "python":
+        return [sys.executable, str(TRAIN), *args]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
+                "--master_port", str(free_port()), str(TRAIN), *args]
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nprocs), "--no_local_rank",
+            "--master_port", str(free_port()), str(TRAIN), *args]
+
+
+def run_train(nprocs: int, job: Path, *sets: str, launcher: str = "deepspeed", timeout: int = 600,
+              check: bool = True) -> subprocess.CompletedProcess:
+    args = ["--job", str(job)] + [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(train_cmd(nprocs, *args, launcher=launcher), capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if '"loss"' in line]
+
+
+def events(proc: subprocess.CompletedProcess, name: str) -> list[dict]:
+    out = []
+    for line in (proc.stderr + proc.stdout).splitlines():
+        start = line.find('{"event"')
+        if start >= 0 and f'"event": "{name}"' in line:
+            out.append(json.loads(line[start:]))
+    return out
