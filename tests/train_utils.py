@@ -32,8 +32,12 @@ def tiny_job(tmp_path: Path, shards_dir: Path, **overrides) -> Path:
         "output": {"run_dir": str(tmp_path / "run"), "tensorboard": False},
     }
     for dotted, value in overrides.items():
+        if "." not in dotted:  # a top-level field such as precision
+            job[dotted] = value
+            continue
         section, key = dotted.split(".", 1)
         job[section][key] = value
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path

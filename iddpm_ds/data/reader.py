@@ -57,6 +57,13 @@ class _Config:
                       worker_offset, segment)
 
 
+def _private_generator(seed: int) -> torch.Generator:
+    """Each DataLoader iterator draws a base seed from its generator; with the default
+    (the global RNG) starting an epoch would shift the training noise stream, and a
+    resumed run would diverge from one that never stopped."""
+    return torch.Generator().manual_seed(seed)
+
+
 def _worker_id() -> int:
     info = get_worker_info()
     return info.id if info is not None else 0
@@ -189,7 +196,7 @@ class TrainStream:
                             prefetch_factor=spec.prefetch_factor if spec.num_workers else None,
                             pin_memory=dist.has_gpu(),
                             multiprocessing_context=WORKER_START if spec.num_workers else None,
-                            collate_fn=_as_is)
+                            collate_fn=_as_is, generator=_private_generator(cfg.seed))
         self._loader_iter = iter(loader)
         for x, y, meta, _ in self._loader_iter:
             self._advance(meta, x.shape[0])
@@ -350,7 +357,8 @@ class EvalStream:
                             num_workers=workers,
                             prefetch_factor=spec.prefetch_factor if workers else None,
                             pin_memory=dist.has_gpu(), collate_fn=_as_is,
-                            multiprocessing_context=WORKER_START if workers else None)
+                            multiprocessing_context=WORKER_START if workers else None,
+                            generator=_private_generator(cfg.seed))
         for x, y, meta, valid in loader:
             self.corrupt_samples += meta[2]
             yield x, self._cond(y), torch.from_numpy(valid)
