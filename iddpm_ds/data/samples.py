@@ -4,11 +4,13 @@ Corrupt input never changes a batch's size: a sample that cannot be read (trunca
 tar, unreadable shard), decoded (bad image bytes, no image field) or labelled (missing
 or non-integer `cls` with class_cond) is logged with shard and key, counted, and its
 slot is filled with the last good sample this worker produced (before the first one:
-the pre-flight probe sample). So batch counts stay equal on every rank and the data
+the pre-flight probe sample; a worker resumed mid-epoch looks back over the samples it
+skipped in that epoch). So batch counts stay equal on every rank and the data
 position stays exact; the only duplicates an epoch can contain are these replacements.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -62,31 +64,46 @@ def decode_sample(fields: dict[str, bytes], image_size: int,
 
 
 def read_pieces(pieces: Sequence[tuple[int, int, int]], urls: Sequence[str],
-                names: Sequence[str]) -> Iterator[RawSample]:
+                names: Sequence[str], log: bool = True) -> Iterator[RawSample]:
     """One RawSample per planned (shard, start, stop) sample, in order, whatever happens.
 
-    A shard that fails to open, ends early or is damaged yields placeholder samples for
-    the rest of its piece, so positions never shift; one log line per damaged piece.
+    Consecutive pieces of one shard are read in one pass over it (a resumed worker's pieces
+    are scattered: its shuffle buffer's leftovers, then the rest). A shard that fails to
+    open, ends early or is damaged yields placeholder samples for the rest of its pieces,
+    so positions never shift; one log line per damaged piece (unless log is False).
     """
-    for shard, start, stop in pieces:
-        index, problem = start, ""
+    start = 0
+    while start < len(pieces):
+        stop = start + 1
+        while stop < len(pieces) and pieces[stop][0] == pieces[start][0]:
+            stop += 1
+        ranges = [(first, end) for _, first, end in pieces[start:stop]]
+        yield from _read_shard(pieces[start][0], ranges, urls, names, log)
+        start = stop
+
+
+def _read_shard(shard: int, ranges: list[tuple[int, int]], urls: Sequence[str],
+                names: Sequence[str], log: bool) -> Iterator[RawSample]:
+    wanted = [i for first, end in ranges for i in range(first, end)]
+    got, problem = 0, "shard ended early"
+    try:
+        fh, seekable = open_url(urls[shard])
         try:
-            fh, seekable = open_url(urls[shard])
-            try:
-                for key, fields in TarReader(fh, seekable).samples(start, stop):
-                    yield RawSample(names[shard], index, key, fields)
-                    index += 1
-            finally:
-                fh.close()
-            if index < stop:
-                problem = "shard ended early"
-        except Exception as err:  # noqa: BLE001 - any read failure must not stop training
-            problem = f"shard unreadable ({type(err).__name__}: {err})"
-        if index < stop:
-            dist.log("data_shard_damaged", shard=names[shard], first_sample=index,
-                     missing=stop - index, reason=problem)
-            for missing in range(index, stop):
-                yield RawSample(names[shard], missing, None, None, problem)
+            for (key, fields), index in zip(TarReader(fh, seekable).select(ranges), wanted):
+                yield RawSample(names[shard], index, key, fields)
+                got += 1
+        finally:
+            fh.close()
+    except Exception as err:  # noqa: BLE001 - any read failure must not stop training
+        problem = f"shard unreadable ({type(err).__name__}: {err})"
+    lost = wanted[got] if got < len(wanted) else math.inf  # first sample not read
+    for first, end in ranges:
+        first = int(min(end, max(first, lost)))
+        if first < end and log:
+            dist.log("data_shard_damaged", shard=names[shard], first_sample=first,
+                     missing=end - first, reason=problem)
+        for missing in range(first, end):
+            yield RawSample(names[shard], missing, None, None, problem)
 
 
 class BatchFiller:
@@ -96,6 +113,21 @@ class BatchFiller:
         self.image_size, self.class_cond = image_size, class_cond
         self.last_good = fallback
         self.corrupt_total = 0
+        self.earlier: Iterator[RawSample] | None = None
+        """Set by a resumed worker: the samples it skipped, latest first. The first corrupt
+        sample before any good one is replaced by the latest good one of these, as in a run
+        that never stopped (decoded only then, so a healthy resume decodes none of them)."""
+
+    def _replacement(self) -> tuple[np.ndarray, int]:
+        earlier, self.earlier = self.earlier, None
+        for raw in earlier or ():
+            try:
+                if raw.fields is not None:
+                    self.last_good = decode_sample(raw.fields, self.image_size, self.class_cond)
+                    break
+            except CorruptSample:
+                continue
+        return self.last_good
 
     def fill(self, raws: Sequence[RawSample], images: np.ndarray, labels: np.ndarray,
              valid: np.ndarray) -> int:
@@ -107,12 +139,12 @@ class BatchFiller:
                     raise CorruptSample(raw.problem or "sample missing")
                 images[i], labels[i] = self.last_good = decode_sample(
                     raw.fields, self.image_size, self.class_cond)
-                valid[i] = True
+                valid[i], self.earlier = True, None
             except CorruptSample as err:
                 self.corrupt_total += 1
                 if raw.fields is not None:  # missing ones were logged once per shard piece
                     self._log(raw, str(err))
-                images[i], labels[i] = self.last_good
+                images[i], labels[i] = self._replacement()
                 valid[i] = False
                 corrupt += 1
         return corrupt

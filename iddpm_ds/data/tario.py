@@ -11,7 +11,7 @@ A WebDataset sample is a run of consecutive members sharing a key: "dir/000123.p
 """
 from __future__ import annotations
 
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Sequence
 
 BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")
@@ -123,21 +123,32 @@ class TarReader:
 
         The data of the samples before `start` is skipped, not read.
         """
-        index, key, fields = -1, None, {}
+        return self.select([(start, stop)])
+
+    def select(self, ranges: Sequence[tuple[int, int | None]]
+               ) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """Yield (key, {field: bytes}) for the samples in sorted, disjoint [start, stop)
+        ranges of sample numbers, in order; the data of the samples between is skipped
+        (seeked over where possible), so one pass serves many scattered pieces."""
+        ranges = list(ranges)
+        index, key, fields, keep, r = -1, None, {}, False, 0
         for name, size in self._entries():
             member_key, field = split_key(name)
             if member_key != key:
-                if index >= start:
+                if keep:
                     yield key, fields
                 index += 1
                 key, fields = member_key, {}
-                if stop is not None and index >= stop:
+                while r < len(ranges) and ranges[r][1] is not None and index >= ranges[r][1]:
+                    r += 1
+                if r == len(ranges):
                     return
-            if index >= start:
+                keep = index >= ranges[r][0]
+            if keep:
                 fields[field] = self.data(size)
             else:
                 self.skip(size)
-        if start <= index and (stop is None or index < stop):
+        if keep:
             yield key, fields
 
 
