@@ -17,10 +17,11 @@ from iddpm_ds.data import (AllCorruptError, EmptySourceError, PipeNotAllowedErro
                            ShardNotFoundError, build_eval_stream, build_train_stream)
 from iddpm_ds.data.position import (Layout, RankPlan, replay,
                                     shard_pieces, shard_order)
+from iddpm_ds.data.samples import read_pieces
 from iddpm_ds.data.shards import (Item, OutputExistsError, WriteOptions, array_items, folder_items,
                                   write_items)
 from iddpm_ds.spec.data import DataSpec
-from test_data_helpers import id_shards, png_bytes, write_tar
+from test_data_helpers import first_difference, id_shards, png_bytes, resume_chain, write_tar
 
 
 def reference_preprocess(data: bytes, size: int) -> np.ndarray:
@@ -290,6 +291,66 @@ def test_state_roundtrip_single_process(tmp_path: Path) -> None:
     assert bigger.stats()["epoch"] == 1 and bigger.batches_left_in_epoch == 1
     with pytest.raises(ValueError, match="other shards or another seed"):
         _stream(spec, batch=3, seed=12).load_state_dict([state])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_at_the_same_layout_yields_the_uninterrupted_batches(tmp_path: Path,
+                                                                   workers: int) -> None:
+    # 59 samples, batch 3: 19 batches per epoch. Resumes after 5, 12 and 25 batches (chained)
+    # land on both loader workers, in both epochs; the resumed pieces cross both epoch ends.
+    shards = id_shards(tmp_path, [13, 9, 20, 17], corrupt=(7, 40))
+    spec = DataSpec(shards=shards, num_workers=workers, shuffle_buffer=8, random_flip=True)
+    chain = resume_chain(spec, [5, 12, 25], 41, lambda state: [state], image_size=8,
+                         class_cond=True, batch_size=3, rank=0, world_size=1, seed=4)
+    assert first_difference(chain) is None
+    assert chain["states"][0] == chain["states"][1]
+    epochs = [[int(v) for _, y in chain["straight"][e * 19:(e + 1) * 19] for v in y]
+              for e in range(2)]
+    assert epochs[0] != epochs[1] and not {7, 40} & set(epochs[0] + epochs[1])  # replaced
+
+
+def test_exact_resume_after_a_resume_at_another_layout(tmp_path: Path) -> None:
+    shards = id_shards(tmp_path, [13, 9, 20, 17])
+    spec = DataSpec(shards=shards, num_workers=2, shuffle_buffer=8, random_flip=True)
+    args = {"image_size": 8, "class_cond": True, "rank": 0, "world_size": 1, "seed": 4}
+    first = build_train_stream(spec, batch_size=3, **args)
+    seen = [int(v) for _, (_, c) in zip(range(4), first) for v in c["y"]]
+    saved = [json.loads(json.dumps(first.state_dict()))]
+    first.close()
+    # batch 2 re-splits the 47 samples left (23 batches), then resumes keep that new plan
+    chain = resume_chain(spec, [5, 12], 30, lambda state: [state], start=saved, batch_size=2,
+                         **args)
+    assert first_difference(chain) is None and chain["states"][0] == chain["states"][1]
+    seen += [int(v) for _, y in chain["resumed"][:23] for v in y]
+    assert len(seen) == len(set(seen)) == 58  # 59 - 1 dropped (the new layout's remainder)
+
+
+def test_tar_select_reads_scattered_pieces_and_marks_the_damaged_ones(tmp_path: Path,
+                                                                      capfd) -> None:
+    shard = Path(id_shards(tmp_path, [10])[0])
+    pieces = [(0, 1, 3), (0, 5, 7), (0, 8, 10)]
+    raws = list(read_pieces(pieces, [str(shard)], ["s"]))
+    assert [r.index for r in raws] == [r.key and int(r.key) for r in raws] == [1, 2, 5, 6, 8, 9]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: data.index(b"000006.png") + 600])  # cut inside sample 6's image
+    raws = list(read_pieces(pieces, [str(shard)], ["s"]))
+    assert [r.index for r in raws] == [1, 2, 5, 6, 8, 9]
+    assert [r.fields is None for r in raws] == [False, False, False, True, True, True]
+    err = capfd.readouterr().err
+    damaged = [json.loads(line) for line in err.splitlines() if "data_shard_damaged" in line]
+    assert [(d["first_sample"], d["missing"]) for d in damaged] == [(6, 1), (8, 2)]
+
+
+def test_resume_replaces_corrupt_samples_as_the_uninterrupted_run(tmp_path: Path) -> None:
+    # No shuffling: the batch after the cut is [6, 7, 8]; 6 and 5 are corrupt, so a run that
+    # never stopped fills 6's slot with sample 4, which the resumed worker skipped.
+    shards = id_shards(tmp_path, [12], corrupt=(5, 6))
+    spec = DataSpec(shards=shards, num_workers=0, shuffle_buffer=0, shuffle_shards=False)
+    chain = resume_chain(spec, [2], 4, lambda state: [state], image_size=8, class_cond=True,
+                         batch_size=3, rank=0, world_size=1, seed=0)
+    assert first_difference(chain) is None
+    x, y = chain["resumed"][2]
+    assert y.tolist() == [4, 7, 8] and torch.equal(x[0], chain["resumed"][1][0][1])
 
 
 @pytest.mark.parametrize("raw", [False, True])

@@ -1,6 +1,7 @@
 """Data module across real rank processes (tests/mp_utils.run_ranks, gloo) with 2 loader
-workers each: exactly-once epochs, equal batch counts, eval coverage, and resuming the
-data position at the same and at other world sizes (2 -> 2, 2 -> 3 -> 1)."""
+workers each: exactly-once epochs, equal batch counts, eval coverage, resuming the data
+position at the same and at other world sizes (2 -> 2, 2 -> 3 -> 1), and resuming at the
+same layout to exactly the batches of a run that never stopped (0 and 2 workers)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch.distributed as torch_dist
 from iddpm_ds.data import build_eval_stream, build_train_stream
 from iddpm_ds.spec.data import DataSpec
 from mp_utils import run_ranks
-from test_data_helpers import id_shards
+from test_data_helpers import first_difference, id_shards, resume_chain
 
 pytestmark = pytest.mark.slow
 
@@ -136,3 +137,27 @@ def test_resume_same_and_other_world_size(tmp_path: Path) -> None:
     everything = before + middle + rest
     assert len(everything) == len(set(everything)) and sorted(everything) == list(range(120))
     assert epoch == 1
+
+
+def _exact_resume_job(rank: int, world: int, shards: list[str]) -> dict:
+    out = {}
+    for workers in (0, 2):
+        spec = DataSpec(shards=shards, num_workers=workers, shuffle_buffer=8, random_flip=True)
+        # 59 samples, 2 ranks x 3: 9 batches per epoch; resumed pieces cross both epoch ends
+        chain = resume_chain(spec, [3, 7, 14], 21, _gather, image_size=8, class_cond=True,
+                             batch_size=3, rank=rank, world_size=world, seed=6)
+        out[workers] = {"differs_at": first_difference(chain),
+                        "same_state": chain["states"][0] == chain["states"][1],
+                        "labels": [int(v) for _, y in chain["resumed"][:9] for v in y]}
+    return out
+
+
+def test_resume_at_the_same_layout_yields_the_uninterrupted_batches_two_ranks(
+        tmp_path: Path) -> None:
+    shards = id_shards(tmp_path, [13, 9, 20, 17])
+    ranks = run_ranks(_exact_resume_job, 2, shards)
+    for workers in (0, 2):
+        assert [r[workers]["differs_at"] for r in ranks] == [None, None]
+        assert all(r[workers]["same_state"] for r in ranks)
+        epoch = [v for r in ranks for v in r[workers]["labels"]]
+        assert len(epoch) == len(set(epoch)) == 54  # and still each sample at most once

@@ -18,6 +18,12 @@ Plan of one pool for `world_size` ranks x `workers` loader workers, batch size B
   reordered by a seeded shuffle buffer (`buffer_order`).
 After a rank yielded k batches, its consumed set is therefore known exactly: for each
 worker, the first (its batch count among the first k) * B entries of that worker's order.
+
+Resuming: with the saved layout (`same_plan`), each rank keeps the saved segment's plan
+and each worker skips its first (its batch count among the first k) batches, so the
+stream goes on exactly as if it had never stopped. With another layout the consumed sets
+of all saved ranks are removed from the pool (`replay`) and the rest is planned afresh as
+a new segment (with its own shuffle seeds).
 """
 from __future__ import annotations
 
@@ -126,6 +132,13 @@ class Layout:
     """Loader worker that served the epoch's first batch (the round robin runs across epochs)."""
     segment: int = 0
     """Number of earlier stream lifetimes (resumes) within this epoch; seeds the shuffles."""
+
+
+def same_plan(segment: dict, layout: Layout) -> bool:
+    """Whether a saved segment split its pool exactly as `layout` would (offset and segment
+    number aside): then a resume can continue that plan instead of re-splitting the rest."""
+    keys = ("world_size", "workers", "batch_size", "shuffle_buffer")
+    return all(segment[k] == getattr(layout, k) for k in keys)
 
 
 def worker_batches(batches: int, workers: int, offset: int, done: int | None = None) -> list[int]:

@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .. import dist
 from ..spec.data import DataSpec
 from .errors import AllCorruptError, DataError
-from .position import (Layout, RankPlan, full_pool, make_state, merge_states, pool_size,
-                       replay, shard_order, shard_pieces, _rng)
+from .position import (Layout, RankPlan, flat_to_positions, full_pool, make_state,
+                       merge_states, pool_size, replay, same_plan, shard_order, shard_pieces,
+                       to_ranges, worker_batches, _rng)
 from .preprocess import to_model_range
 from .samples import BatchFiller, CorruptSample, RawSample, decode_sample, read_pieces
 from .sources import ShardList, resolve
@@ -80,34 +81,60 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
-class _TrainDataset(IterableDataset):
-    """Endless batches of one rank; each worker serves its planned share of each epoch."""
+@dataclass(frozen=True)
+class _Start:
+    """Where a stream lifetime starts: an epoch segment's plan and how far this rank got."""
 
-    def __init__(self, cfg: _Config, epoch: int, pool: np.ndarray, segment: int):
+    epoch: int
+    pool: np.ndarray
+    segment: int
+    offset: int
+    """Plan worker serving the segment's first batch."""
+    done: int
+    """Batches of the segment this rank yielded in an earlier lifetime (exact resume)."""
+
+
+class _TrainDataset(IterableDataset):
+    """Endless batches of one rank; each worker serves its planned share of each epoch.
+
+    Loader worker w plays plan worker (w + start.offset + start.done) % K: the DataLoader's
+    round robin begins at loader worker 0, and the segment's batch `done` (the next one
+    the rank yields) belongs to plan worker (offset + done) % K.
+    """
+
+    def __init__(self, cfg: _Config, start: _Start):
         super().__init__()
-        self.cfg, self.epoch, self.pool, self.segment = cfg, epoch, pool, segment
+        self.cfg, self.start = cfg, start
 
     def __iter__(self) -> Iterator[tuple]:
-        cfg, worker = self.cfg, _worker_id()
+        cfg, at = self.cfg, self.start
+        role = (_worker_id() + at.offset + at.done) % cfg.workers
         filler = BatchFiller(cfg.image_size, cfg.class_cond, cfg.fallback)
-        epoch, pool, segment, served = self.epoch, self.pool, self.segment, 0
+        epoch, pool, segment, offset, done = at.epoch, at.pool, at.segment, at.offset, at.done
         while True:
-            layout = cfg.layout(served % cfg.workers, segment)
-            plan = RankPlan(pool, layout, cfg.rank, cfg.seed, epoch)
-            yield from self._serve(plan, worker, filler)
-            served += plan.batches
-            epoch, pool, segment = epoch + 1, full_pool(cfg.shards.total), 0
+            plan = RankPlan(pool, cfg.layout(offset, segment), cfg.rank, cfg.seed, epoch)
+            skip = worker_batches(plan.batches, cfg.workers, offset, done)[role]
+            yield from self._serve(plan, role, filler, skip)
+            offset = (offset + plan.batches) % cfg.workers
+            epoch, pool, segment, done = epoch + 1, full_pool(cfg.shards.total), 0, 0
 
-    def _serve(self, plan: RankPlan, worker: int, filler: BatchFiller) -> Iterator[tuple]:
+    def _serve(self, plan: RankPlan, worker: int, filler: BatchFiller,
+               skip: int) -> Iterator[tuple]:
+        """The worker's batches of one plan, from its batch `skip` on; the samples of the
+        skipped batches are neither read nor decoded (only the index arithmetic replays)."""
         cfg, bsz = self.cfg, self.cfg.batch_size
         order = shard_order(len(cfg.shards.urls), cfg.seed, plan.epoch, cfg.shuffle_shards)
-        pieces = shard_pieces(plan.worker_ranges(worker), order, cfg.shards.counts)
-        ahead = _Lookahead(read_pieces(pieces, cfg.shards.urls, cfg.shards.names))
-        serve_order = plan.worker_order(worker)
+        ranges, serve_order = plan.worker_ranges(worker), plan.worker_order(worker)
+        unread = np.sort(serve_order[skip * bsz:])  # flat indices still to serve, in read order
+        pieces = shard_pieces(to_ranges(flat_to_positions(ranges, unread)), order,
+                              cfg.shards.counts)
+        ahead = _Lookahead(read_pieces(pieces, cfg.shards.urls, cfg.shards.names), unread)
+        if skip:
+            filler.earlier = self._skipped(ranges, serve_order[:skip * bsz][::-1], order)
         flips = _rng(cfg.seed, plan.epoch, plan.layout.segment + 1, cfg.rank, worker, 2).random(
             serve_order.size) < 0.5
         first = (worker - plan.layout.worker_offset) % cfg.workers
-        for j in range(plan.counts[worker]):
+        for j in range(skip, plan.counts[worker]):
             picked = [ahead.get(t) for t in serve_order[j * bsz:(j + 1) * bsz].tolist()]
             images = np.empty((bsz, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
             labels = np.zeros(bsz, dtype=np.int64)
@@ -118,16 +145,24 @@ class _TrainDataset(IterableDataset):
                 images[flip] = images[flip, :, ::-1]
             yield _pack(images, labels, (plan.epoch, first + j * cfg.workers, corrupt), valid)
 
+    def _skipped(self, ranges: np.ndarray, flats: np.ndarray,
+                 order: np.ndarray) -> Iterator[RawSample]:
+        """The given samples one by one (read lazily, for BatchFiller.earlier)."""
+        cfg = self.cfg
+        for position in flat_to_positions(ranges, flats).tolist():
+            piece = shard_pieces(np.array([[position, position + 1]]), order, cfg.shards.counts)
+            yield from read_pieces(piece, cfg.shards.urls, cfg.shards.names, log=False)
+
 
 class _Lookahead:
     """Samples read in order, handed out in any order; holds only those read ahead."""
 
-    def __init__(self, raws: Iterator[RawSample]):
-        self.raws, self.held, self.read = raws, {}, 0
+    def __init__(self, raws: Iterator[RawSample], ids: np.ndarray):
+        self.raws, self.ids, self.held, self.read = raws, ids.tolist(), {}, 0
 
     def get(self, wanted: int) -> RawSample:
         while wanted not in self.held:
-            self.held[self.read] = next(self.raws)
+            self.held[self.ids[self.read]] = next(self.raws)
             self.read += 1
         return self.held.pop(wanted)
 
@@ -141,7 +176,7 @@ class TrainStream:
         """Batches each rank yields in a full epoch (identical on every rank)."""
         self.class_names = cfg.shards.class_names
         self._epoch, self._history, self._pool = 0, [], full_pool(cfg.shards.total)
-        self._done, self._served, self._corrupt, self._samples = 0, 0, 0, 0
+        self._done, self._offset, self._corrupt, self._samples = 0, 0, 0, 0
         self._epoch_batches = self.batches_per_epoch
         self._loader_iter: Any = None
         self._gen: Iterator | None = None
@@ -153,25 +188,34 @@ class TrainStream:
     def load_state_dict(self, rank_states: Sequence[dict]) -> None:
         """Resume from the data states of ALL ranks of a checkpoint (any world size).
 
-        The samples those ranks had consumed in the saved epoch are removed from it; the
-        rest of the epoch is re-split over this run's ranks. Call before iterating.
+        Saved with this stream's layout (world size, batch size, loader workers, shuffle
+        buffer): every rank continues the saved plan, so the batches are exactly those
+        the saving run would have yielded next. Otherwise the samples those ranks had
+        consumed in the saved epoch are removed from it and the rest of the epoch is
+        re-split over this run's ranks. Call before iterating.
         """
         if self._gen is not None:
             raise RuntimeError("load_state_dict must be called before iterating the stream")
         cfg = self._cfg
         epoch, history = merge_states(rank_states, self._fingerprint(), cfg.seed)
+        saved, exact = history[-1], same_plan(history[-1], cfg.layout(0, 0))
+        if exact:  # continue the saved segment where this rank stopped
+            history = history[:-1]
+            self._offset, self._done = saved["worker_offset"], saved["batches_done"][cfg.rank]
+        else:  # a new segment over what is left
+            self._offset, self._done = 0, 0
         self._epoch, self._history = epoch, history
         self._pool = replay(cfg.shards.total, history, cfg.seed, epoch)
-        self._done, self._served = 0, 0
         self._epoch_batches = pool_size(self._pool) // (cfg.world_size * cfg.batch_size)
-        dist.log0("data_resume", epoch=epoch, segments=len(history),
-                  samples_left=pool_size(self._pool), batches_left=self._epoch_batches)
+        dist.log0("data_resume", epoch=epoch, segments=len(history), exact=exact,
+                  batches_left=self.batches_left_in_epoch,
+                  samples_left=self.batches_left_in_epoch * cfg.batch_size * cfg.world_size)
         self._skip_empty_epoch()
 
     def state_dict(self) -> dict:
         """This rank's position after the last batch it yielded (plain JSON types)."""
         cfg = self._cfg
-        layout = cfg.layout(self._served % cfg.workers, len(self._history))
+        layout = cfg.layout(self._offset, len(self._history))
         return make_state(self._fingerprint(), cfg.seed, self._epoch, list(self._history),
                           layout, cfg.rank, self._done)
 
@@ -191,7 +235,8 @@ class TrainStream:
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, dict]]:
         cfg, spec = self._cfg, self._spec
-        dataset = _TrainDataset(cfg, self._epoch, self._pool, len(self._history))
+        start = _Start(self._epoch, self._pool, len(self._history), self._offset, self._done)
+        dataset = _TrainDataset(cfg, start)
         loader = DataLoader(dataset, batch_size=None, num_workers=spec.num_workers,
                             prefetch_factor=spec.prefetch_factor if spec.num_workers else None,
                             pin_memory=dist.has_gpu(),
@@ -214,14 +259,14 @@ class TrainStream:
             self._end_epoch()
 
     def _end_epoch(self) -> None:
-        self._served += self._epoch_batches
+        self._offset = (self._offset + self._epoch_batches) % self._cfg.workers
         self._epoch, self._history, self._done = self._epoch + 1, [], 0
         self._pool = full_pool(self._cfg.shards.total)
         self._epoch_batches = self.batches_per_epoch
 
     def _skip_empty_epoch(self) -> None:
         """A resumed epoch with less than one global batch left is over (drop_last)."""
-        if self._epoch_batches == 0:
+        if self._done >= self._epoch_batches:
             self._end_epoch()
 
     def close(self) -> None:
