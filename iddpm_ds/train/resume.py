@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as torch_dist
 
 from .. import dist
@@ -85,3 +86,14 @@ class Resumer:
             mine = ranks[dist.rank()]
             ckpt.set_rng_state(mine["rng"])
             trainer.sampler.set_rng_state(mine["sampler_rng"])
+        else:  # new ranks: fresh streams, mixed with the step so they do not replay step 0's
+            _reseed(trainer, step)
+
+
+def _reseed(trainer: "Trainer", step: int) -> None:
+    from ..diffusion.timestep_sampler import stream_seed
+
+    seed = stream_seed(trainer.job.train.seed * 1_000_003 + step, dist.rank())
+    torch.manual_seed(seed)
+    generator = torch.Generator(trainer.device).manual_seed(seed + 1)
+    trainer.sampler.set_rng_state(generator.get_state())
