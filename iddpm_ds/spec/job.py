@@ -52,13 +52,14 @@ class TrainSpec(Spec):
     save_interval: int = Field(10000, ge=1)
     """Optimizer steps between checkpoints (one is also written at the end)."""
     sample_interval: int = Field(0, ge=0)
-    """Optimizer steps between EMA sample grids (0: never)."""
+    """Optimizer steps between EMA sample grids (0: only at evaluations, see eval_interval)."""
     sample_count: int = Field(16, ge=1)
     """Images in each sample grid."""
     sample_respacing: str = "ddim25"
     """Respacing for sample grids (DDIM when it starts with "ddim")."""
     eval_interval: int = Field(0, ge=0)
-    """Optimizer steps between held-out bits/dim evaluations (0: never; needs data.eval_shards)."""
+    """Optimizer steps between held-out bits/dim evaluations, each with a sample grid
+    (0: never; needs data.eval_shards)."""
     eval_samples: int = Field(64, ge=1)
     """Held-out images per evaluation (over all ranks)."""
     eval_respacing: str = "50"

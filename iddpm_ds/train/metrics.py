@@ -111,7 +111,8 @@ class MetricsWriter:
         total = f"/{self.total_steps}" if self.total_steps else ""
         parts = [f"step {step}{total}"]
         for key, fmt in (("loss", ".4f"), ("mse", ".4f"), ("vb", ".4f"), ("grad_norm", ".3f"),
-                         ("lr", ".2e"), ("img_per_s", ".1f"), ("data_wait_frac", ".0%")):
+                         ("lr", ".2e"), ("img_per_s", ".1f"), ("data_wait_frac", ".0%"),
+                         ("eval_bpd", ".3f"), ("eval_bpd_model", ".3f")):
             if key in r and r[key] is not None and not (isinstance(r[key], float) and math.isnan(r[key])):
                 parts.append(f"{key} {format(r[key], fmt)}")
         if self.total_steps and r.get("step_time_s"):

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .. import dist
-from ..data import build_train_stream
+from ..data import build_eval_stream, build_train_stream
 from ..diffusion import build_diffusion
 from ..diffusion.timestep_sampler import build_schedule_sampler
 from ..spec.job import JobSpec, dump_job
@@ -39,6 +39,10 @@ class Trainer:
         self.data = build_train_stream(  # missing/corrupt data fails here, before any write
             job.data, image_size=job.model.image_size, class_cond=job.model.class_cond,
             batch_size=plan.micro, rank=dist.rank(), world_size=dist.world_size(), seed=job.train.seed)
+        if job.train.eval_interval:  # a bad held-out source fails now, not hours in
+            build_eval_stream(job.data, image_size=job.model.image_size, class_cond=job.model.class_cond,
+                              batch_size=plan.micro, rank=dist.rank(), world_size=dist.world_size(),
+                              num_samples=job.train.eval_samples)
         self._prepare_run_dir()
         bundle = build_engine(job)
         self.engine, self.plan, self.dtype = bundle.engine, bundle.plan, bundle.dtype
@@ -124,7 +128,7 @@ class Trainer:
         train, step = self.job.train, self.step
         if step % train.log_interval == 0:
             self.log_metrics()
-        if train.sample_interval and step % train.sample_interval == 0:
+        if any(every and step % every == 0 for every in (train.sample_interval, train.eval_interval)):
             self.sample_grid()
         if train.eval_interval and step % train.eval_interval == 0:
             self.evaluate()
