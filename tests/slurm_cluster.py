@@ -1,0 +1,254 @@
+"""A real one-node Slurm cluster on localhost for tests (Debian slurm-wlm 22.05 + munge).
+
+Everything lives in a private temporary directory: its own munged (own socket, the
+system key), slurmctld and slurmd started in the foreground as children of the test
+process, on free ports, with a slurm.conf that clients find through SLURM_CONF (set in
+`SlurmCluster.env`; sbatch exports it to jobs, so srun/scontrol inside jobs find it too).
+Nothing under /etc is written and a Slurm or munge already running on the machine is
+left alone. Needs root (slurmd launches jobs); skipped only when the Slurm binaries are
+absent -- and never under CI=true, where a missing Slurm is an installation failure.
+
+Settings from shared/notes/cluster_on_one_machine.md: cred_expire=10 and sched_interval=2
+make a requeued job start after ~11 s instead of ~3 minutes; jobs are polled with
+`squeue` (sbatch --wait rechecks only after 2, 8, 32 s).
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "sinfo", "scancel")
+NODE = "localhost"
+CPUS = 2
+
+
+def missing_binaries() -> list[str]:
+    return [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _which(name: str) -> str:
+    return shutil.which(name) or str(Path("/usr/sbin", name))
+
+
+SLURM_CONF = """\
+ClusterName=iddpmtest
+SlurmctldHost={node}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={munge_socket},cred_expire=10
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/filetxt
+JobCompLoc={state}/log/jobcomp.txt
+MailProg={true}
+KillWait=5
+MinJobAge=600
+InactiveLimit=0
+SchedulerParameters=sched_interval=2,bf_interval=2,batch_sched_delay=0,sched_min_interval=0
+StateSaveLocation={state}/ctld
+SlurmdSpoolDir={state}/spool
+SlurmctldPidFile={state}/run/slurmctld.pid
+SlurmdPidFile={state}/run/slurmd.pid
+SlurmctldLogFile={state}/log/slurmctld.log
+SlurmdLogFile={state}/log/slurmd.log
+NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+class SlurmCluster:
+    """Start/stop the daemons; `env` is the environment every client command must use."""
+
+    def __init__(self) -> None:
+        # short path: slurmstepd puts unix sockets in the spool dir (108-byte limit)
+        self.state = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
+        self.state.chmod(0o755)  # munged insists every parent of its socket is traversable
+        self.conf = self.state / "slurm.conf"
+        self.munge_socket = self.state / "munge" / "munge.sock"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        for key in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOBID"):
+            self.env.pop(key, None)  # a test session started inside a Slurm job
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> "SlurmCluster":
+        for sub in ("ctld", "spool", "run", "log"):
+            (self.state / sub).mkdir()
+        self._start_munged()
+        self.conf.write_text(SLURM_CONF.format(
+            node=NODE, cpus=CPUS, state=self.state, munge_socket=self.munge_socket,
+            ctld_port=_free_port(), slurmd_port=_free_port(), true=shutil.which("true") or "/bin/true"))
+        self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c", "-i", "-f", str(self.conf)])
+        self._spawn("slurmd", [_which("slurmd"), "-D", "-N", NODE, "-f", str(self.conf)])
+        self._wait_idle(timeout=60)
+        return self
+
+    def _start_munged(self) -> None:
+        munge_dir = self.munge_socket.parent
+        munge_dir.mkdir()
+        key = Path("/etc/munge/munge.key")
+        if not key.is_file():  # no key from munge's postinst: make a private one
+            key = munge_dir / "munge.key"
+            key.write_bytes(os.urandom(1024))
+            key.chmod(0o600)
+        user = pwd.getpwnam("munge") if _has_user("munge") else None
+        if user is not None:
+            for path in (munge_dir, *munge_dir.iterdir()):
+                os.chown(path, user.pw_uid, user.pw_gid)
+        cmd = [_which("munged"), "-F", f"--socket={self.munge_socket}", f"--key-file={key}",
+               f"--pid-file={munge_dir}/munged.pid", f"--log-file={munge_dir}/munged.log",
+               f"--seed-file={munge_dir}/munged.seed"]
+        if user is not None:
+            cmd = ["runuser", "-u", "munge", "--", *cmd]
+        else:
+            cmd.append("--force")
+        self._spawn("munged", cmd)
+        self._wait(lambda: self.munge_socket.exists(), 20, "munged socket")
+
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        log = open(self.state / "log" / f"{name}.out", "w")
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True)
+        log.close()
+
+    def _wait_idle(self, timeout: float) -> None:
+        def idle() -> bool:
+            out = self.run(["sinfo", "-h", "-N", "-o", "%t"], check=False).stdout.split()
+            return out == ["idle"]
+        self._wait(idle, timeout, "node idle")
+
+    def _wait(self, predicate, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{dead} exited while waiting for {what}:\n{self.logs()}")
+            if predicate():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"timed out after {timeout} s waiting for {what}:\n{self.logs()}")
+
+    def stop(self) -> None:
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            jobs = self.run(["squeue", "-h", "-o", "%A"], check=False).stdout.split()
+            if jobs:
+                self.run(["scancel", *jobs], check=False)
+                deadline = time.monotonic() + 15
+                while time.monotonic() < deadline and self.run(["squeue", "-h", "-o", "%A"],
+                                                                check=False).stdout.strip():
+                    time.sleep(0.5)
+        for name in ("slurmd", "slurmctld", "munged"):
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        shutil.rmtree(self.state, ignore_errors=True)
+
+    # ------------------------------------------------------------------ clients
+    def run(self, cmd: list[str], check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{cmd} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
+        return proc
+
+    def sbatch(self, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+        """Submit (extra `env` on top of the cluster's); returns the job id (an array's id)."""
+        proc = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})},
+                              capture_output=True, text=True, timeout=30, cwd=cwd)
+        if proc.returncode != 0:
+            raise RuntimeError(f"sbatch {args} failed: {proc.stderr}")
+        return proc.stdout.strip().split(";")[0]
+
+    def job_infos(self, job_id: str) -> list[dict[str, str]]:
+        """`scontrol show job` as dicts: one job, or every task of an array."""
+        records = []
+        for line in self.run(["scontrol", "show", "job", "-o", job_id]).stdout.splitlines():
+            fields: dict[str, str] = {}
+            for item in line.split():
+                key, _, value = item.partition("=")
+                fields.setdefault(key, value)
+            records.append(fields)
+        return records
+
+    def job_info(self, job_id: str) -> dict[str, str]:
+        return self.job_infos(job_id)[0]
+
+    def active(self, job_id: str) -> bool:
+        """Pending, running or completing (any task of an array)."""
+        out = self.run(["squeue", "-h", "-j", job_id, "-o", "%T"], check=False)
+        return bool(out.stdout.strip())
+
+    def wait_done(self, job_id: str, timeout: float, poll: float = 0.5) -> None:
+        deadline = time.monotonic() + timeout
+        while self.active(job_id):
+            if time.monotonic() > deadline:
+                self.run(["scancel", job_id], check=False)
+                raise AssertionError(f"job {job_id} still active after {timeout} s:\n"
+                                     + self.run(["scontrol", "show", "job", job_id], check=False).stdout)
+            time.sleep(poll)
+
+    def logs(self) -> str:
+        parts = []
+        for path in sorted((self.state / "log").glob("*")):
+            parts.append(f"--- {path.name}\n" + path.read_text(errors="replace")[-3000:])
+        munge_log = self.munge_socket.parent / "munged.log"
+        if munge_log.exists():
+            parts.append("--- munged.log\n" + munge_log.read_text(errors="replace")[-2000:])
+        return "\n".join(parts)
+
+
+def _has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A started one-node cluster (node `localhost`, 2 CPUs, partition `debug`)."""
+    missing = missing_binaries()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the Slurm tests, but these are missing: {missing}")
+        pytest.skip(f"Slurm not installed (missing {missing}); see .ci/run")
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("the Slurm test cluster needs root (slurmd launches jobs)")
+        pytest.skip("the Slurm test cluster needs root (slurmd launches jobs)")
+    cluster = SlurmCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

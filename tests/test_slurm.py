@@ -1,0 +1,188 @@
+"""launch/slurm/* on a real one-node Slurm cluster (tests/slurm_cluster.py starts it).
+
+Each test submits the real scripts with sbatch and trains the tiny demo job; progress is
+read from the run dir's metrics.jsonl and the jobs' output files (every start, the
+trainer's JSON events). Preemption is sent exactly as Slurm delivers its --signal=B:USR1
+lead-time warning: to the batch shell (`scancel --signal=USR1 --batch`), which forwards it.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (session fixture)
+from train_utils import ROOT, metrics, tiny_job
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+SLURM = ROOT / "launch" / "slurm"
+PREEMPTED_EXIT = 75
+
+
+def log_events(out: Path, name: str) -> list[dict]:
+    """The trainer's structured events `name` in a job's output file (all restarts)."""
+    found = []
+    for line in out.read_text(errors="replace").splitlines():
+        start = line.find('{"event"')
+        if start >= 0 and f'"event": "{name}"' in line:
+            found.append(json.loads(line[start:]))
+    return found
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [m["step"] for m in metrics(run_dir)] if path.exists() else []
+
+
+def wait_for_step(cluster: SlurmCluster, job_id: str, run_dir: Path, step: int, out: Path,
+                  timeout: float = 120) -> None:
+    """Until the run has logged `step` (log_interval=1); fails if the job ends first."""
+    deadline = time.monotonic() + timeout
+    while not any(s >= step for s in steps_logged(run_dir)):
+        if not cluster.active(job_id) or time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} never reached step {step}:\n{tail(out)}")
+        time.sleep(0.25)
+
+
+def preempt(cluster: SlurmCluster, job_id: str) -> None:
+    cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
+
+
+def tail(path: Path, chars: int = 6000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else f"({path} missing)"
+
+
+def latest_tag(run_dir: Path) -> str:
+    return (run_dir / "checkpoints" / "latest").read_text().strip()
+
+
+def test_sweep_array_trains_each_variant_in_its_own_run_dir(slurm_cluster, tmp_path, digits_shards):
+    job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": 3, "train.log_interval": 1})
+    sweep = tmp_path / "lr.txt"
+    sweep.write_text("# learning-rate sweep\n--set train.lr=1e-3\n\n"
+                     "train.lr=3e-3 --set 'train.ema_rate=0.99'\n")
+    start = time.monotonic()
+    array = slurm_cluster.sbatch("--array=0-1", "--ntasks=1", "-o", str(tmp_path / "sweep-%A_%a.out"),
+                                 str(SLURM / "sweep.sbatch"), str(sweep), str(job), cwd=tmp_path)
+    slurm_cluster.wait_done(array, timeout=180)
+    print(f"sweep of 2 variants: {time.monotonic() - start:.1f} s")
+    outs = sorted(tmp_path.glob("sweep-*.out"))
+    tasks = slurm_cluster.job_infos(array)
+    assert sorted(t["ArrayTaskId"] for t in tasks) == ["0", "1"]
+    assert all(t["JobState"] == "COMPLETED" and t["ExitCode"] == "0:0" for t in tasks), \
+        "\n".join(tail(o) for o in outs)
+    for index, (lr, ema) in enumerate([(1e-3, [0.9, 0.5]), (3e-3, [0.99])]):
+        run_dir = tmp_path / "runs" / "lr" / str(index)  # default: runs/<sweep name>/<index>
+        resolved = yaml.safe_load((run_dir / "job.yaml").read_text())
+        assert resolved["train"]["lr"] == lr and resolved["train"]["ema_rate"] == ema
+        assert resolved["output"]["run_dir"] == f"runs/lr/{index}"  # relative to the submit dir
+        assert latest_tag(run_dir) == "step0000003"
+        assert steps_logged(run_dir) == [1, 2, 3]
+
+
+def test_chain_segment_resumes_from_the_previous_one(slurm_cluster, tmp_path, digits_shards):
+    total = 60
+    job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": total, "train.log_interval": 1})
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        ["bash", str(SLURM / "chain.sh"), "--segments", "2", "--time=5", "--ntasks=2",
+         "-o", str(tmp_path / "seg-%j.out"), "--", str(job)],
+        env=slurm_cluster.env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.split()
+    out1, out2 = tmp_path / f"seg-{first}.out", tmp_path / f"seg-{second}.out"
+    assert slurm_cluster.job_info(second)["Dependency"].startswith(f"afterany:{first}")
+    start = time.monotonic()
+    wait_for_step(slurm_cluster, first, run_dir, 3, out1)
+    preempt(slurm_cluster, first)  # what the time limit's --signal=B:USR1@120 delivers
+    slurm_cluster.wait_done(second, timeout=180)
+    print(f"chain of 2 segments after the first's step 3: {time.monotonic() - start:.1f} s")
+
+    one, two = slurm_cluster.job_info(first), slurm_cluster.job_info(second)
+    assert one["ExitCode"] == f"{PREEMPTED_EXIT}:0" and one["Restarts"] == "0", tail(out1)
+    assert two["JobState"] == "COMPLETED" and two["ExitCode"] == "0:0", tail(out2)
+    stopped = log_events(out1, "preempted")[0]["step"]
+    assert 3 <= stopped < total
+    assert log_events(out1, "checkpoint_saved")[-1]["step"] == stopped
+    resumed = log_events(out2, "resumed")
+    assert [r["step"] for r in resumed] == [stopped], tail(out2)
+    assert resumed[0]["tag"] == f"step{stopped:07d}" and resumed[0]["world_size"] == 2
+    assert log_events(out2, "train_done")[0]["step"] == total
+    assert latest_tag(run_dir) == f"step{total:07d}"
+    assert steps_logged(run_dir) == list(range(1, total + 1))  # each step once: no replay, no gap
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, digits_shards):
+    total = 60
+    job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": total, "train.log_interval": 1})
+    run_dir, out = tmp_path / "run", tmp_path / "train.out"
+    job_id = slurm_cluster.sbatch("--ntasks=2", "-o", str(out), str(SLURM / "train.sbatch"), str(job),
+                                  cwd=tmp_path)
+    start = time.monotonic()
+    wait_for_step(slurm_cluster, job_id, run_dir, 3, out)
+    preempted_at = time.monotonic()
+    preempt(slurm_cluster, job_id)
+    slurm_cluster.wait_done(job_id, timeout=180)
+    done = time.monotonic()
+    print(f"preempt -> requeue -> finish: {done - preempted_at:.1f} s (job {done - start:.1f} s)")
+
+    info = slurm_cluster.job_info(job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(out)
+    assert info["Restarts"] == "1", tail(out)
+    text = out.read_text()
+    assert "restart_count=0" in text and "restart_count=1" in text  # SLURM_RESTART_COUNT
+    assert "exited with status 75 after SIGUSR1" in text
+    stopped = log_events(out, "preempted")[0]["step"]
+    assert 3 <= stopped < total
+    assert log_events(out, "checkpoint_saved")[0]["step"] == stopped
+    resumed = log_events(out, "resumed")
+    assert [(r["step"], r["saved_world_size"], r["world_size"]) for r in resumed] == [(stopped, 2, 2)]
+    starts = log_events(out, "train_start")
+    assert [(s["step"], s["world_size"]) for s in starts] == [(0, 2), (stopped, 2)]
+    assert log_events(out, "train_done")[0]["step"] == total
+    assert steps_logged(run_dir) == list(range(1, total + 1))
+
+
+def test_time_limit_warning_checkpoints_before_the_limit(slurm_cluster, tmp_path, digits_shards):
+    """The real timer: --time=1 with a 40 s warning. Slurm sends it on its ~30 s tick, so
+    20-50 s after the start: after the trainer is up, well before the limit."""
+    job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": 1_000_000, "train.log_interval": 50})
+    run_dir, out = tmp_path / "run", tmp_path / "train.out"
+    start = time.monotonic()
+    job_id = slurm_cluster.sbatch("--ntasks=1", "--time=1", "--signal=B:USR1@40", "-o", str(out),
+                                  str(SLURM / "train.sbatch"), str(job), cwd=tmp_path,
+                                  env={"IDDPM_REQUEUE": "0"})
+    slurm_cluster.wait_done(job_id, timeout=120)
+    print(f"time-limited job ended after {time.monotonic() - start:.1f} s")
+    info = slurm_cluster.job_info(job_id)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == f"{PREEMPTED_EXIT}:0", tail(out)
+    assert "received SIGUSR1" in out.read_text() and "requeue disabled" in out.read_text()
+    stopped = log_events(out, "preempted")[0]["step"]
+    assert latest_tag(run_dir) == f"step{stopped:07d}"
+    assert info["Restarts"] == "0"
+
+
+def test_preemption_during_startup_still_requeues(slurm_cluster, tmp_path, digits_shards):
+    """A warning that lands while the ranks are still importing loses nothing either way
+    (killed before the trainer's handler, or caught and checkpointed at once): requeue."""
+    total = 5
+    job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": total, "train.log_interval": 1})
+    run_dir, out = tmp_path / "run", tmp_path / "train.out"
+    job_id = slurm_cluster.sbatch("--ntasks=1", "-o", str(out), str(SLURM / "train.sbatch"), str(job),
+                                  cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while "restart_count=0" not in (out.read_text() if out.exists() else ""):
+        assert time.monotonic() < deadline, tail(out)
+        time.sleep(0.1)
+    preempt(slurm_cluster, job_id)
+    slurm_cluster.wait_done(job_id, timeout=180)
+    info = slurm_cluster.job_info(job_id)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", tail(out)
+    assert "requeueing job" in out.read_text()
+    assert log_events(out, "train_done")[0]["step"] == total
+    assert steps_logged(run_dir)[-1] == total
