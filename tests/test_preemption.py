@@ -17,11 +17,26 @@ from train_utils import ROOT, events, run_train, tiny_job, train_cmd
 PREEMPTED_EXIT = 75
 
 
-def _start(job: Path, *sets: str) -> subprocess.Popen:
-    args = ["--job", str(job)] + [a for s in sets for a in ("--set", s)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(train_cmd(2, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, cwd=ROOT, start_new_session=True)
+@pytest.fixture
+def start():
+    """Start a 2-rank training in its own process group; whatever happens in the test,
+    nothing of it outlives the test."""
+    started: list[subprocess.Popen] = []
+
+    def _start(job: Path, *sets: str) -> subprocess.Popen:
+        args = ["--job", str(job)] + [a for s in sets for a in ("--set", s)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(train_cmd(2, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env, cwd=ROOT, start_new_session=True)
+        started.append(proc)
+        return proc
+
+    yield _start
+    for proc in started:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _is_trainer(process: psutil.Process) -> bool:
@@ -71,11 +86,11 @@ def _finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
-def test_signal_on_one_rank_checkpoints_all_and_exits_75(tmp_path, digits_shards, signum):
+def test_signal_on_one_rank_checkpoints_all_and_exits_75(tmp_path, digits_shards, signum, start):
     job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": 500, "train.log_interval": 2,
                                                "train.save_interval": 1000})
     run_dir = tmp_path / "run"
-    proc = _start(job)
+    proc = start(job)
     _wait_for(lambda: _logged_step(run_dir) >= 4, timeout=180)
     ranks = _wait_for(lambda: _ranks(proc), timeout=10)
     assert len(ranks) == 2
@@ -95,11 +110,11 @@ def test_signal_on_one_rank_checkpoints_all_and_exits_75(tmp_path, digits_shards
 
 
 @pytest.mark.slow
-def test_sigkill_mid_save_never_leaves_latest_on_a_partial_checkpoint(tmp_path, digits_shards):
+def test_sigkill_mid_save_never_leaves_latest_on_a_partial_checkpoint(tmp_path, digits_shards, start):
     job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": 500, "train.save_interval": 1,
                                                "output.keep_checkpoints": 3})
     ckpt_dir = tmp_path / "run" / "checkpoints"
-    proc = _start(job)
+    proc = start(job)
 
     def partial_tag():
         if not ckpt_dir.is_dir():

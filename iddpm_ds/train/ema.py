@@ -31,9 +31,16 @@ class EMA:
         """Full EMA weights per rate, by parameter name (collective under ZeRO: all ranks)."""
         return {rate: self.master.full_state_dict(ema) for rate, ema in zip(self.rates, self.params)}
 
-    def load_full_state_dicts(self, states: dict[float, dict[str, torch.Tensor]]) -> None:
-        """Restore from full state dicts (any world size; collective under ZeRO)."""
+    def load_full_state_dicts(self, states: dict[float, dict[str, torch.Tensor]]) -> list[float]:
+        """Restore from full state dicts (any world size; collective under ZeRO). A rate the
+        checkpoint lacks (added to the spec since) starts from the current master weights;
+        returns those rates."""
+        started = []
         for i, rate in enumerate(self.rates):
-            if rate not in states:
-                raise KeyError(f"checkpoint has no EMA for rate {rate} (has {sorted(states)})")
-            self.params[i] = self.master.local_from_full(states[rate])
+            if rate in states:
+                self.params[i] = self.master.local_from_full(states[rate])
+            else:
+                with torch.no_grad():
+                    self.params[i] = [t.detach().clone().float() for t in self.master.local()]
+                started.append(rate)
+        return started

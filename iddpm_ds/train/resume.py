@@ -79,7 +79,10 @@ class Resumer:
         trainer.sampler.load_state_dict(state["sampler"])
         emas = {rate: ckpt.load_plain(tag_dir / ckpt.export_name_ema(rate, step))
                 for rate in trainer.ema.rates if (tag_dir / ckpt.export_name_ema(rate, step)).is_file()}
-        trainer.ema.load_full_state_dicts(emas)
+        started = trainer.ema.load_full_state_dicts(emas)
+        if started:
+            dist.log0("ema_rate_started", rates=started, saved_rates=sorted(emas),
+                      note="not in the checkpoint: starts from the resumed weights")
         ranks = [ckpt.load_plain(tag_dir / f"rank{r:05d}.pt") for r in range(old_world)]
         trainer.data.load_state_dict([r["data"] for r in ranks])
         if old_world == dist.world_size():  # same ranks: continue every random stream exactly

@@ -128,12 +128,14 @@ class Trainer:
         train, step = self.job.train, self.step
         if step % train.log_interval == 0:
             self.log_metrics()
+        start = time.perf_counter()  # grids, evals and saves do not count as step time
         if any(every and step % every == 0 for every in (train.sample_interval, train.eval_interval)):
             self.sample_grid()
         if train.eval_interval and step % train.eval_interval == 0:
             self.evaluate()
         if step % train.save_interval == 0:
             self.save()
+        self._paused += time.perf_counter() - start
 
     def _wants_grad_norm(self) -> bool:
         return self._norm_from_grads and (self.step + 1) % self.job.train.log_interval == 0
@@ -142,7 +144,7 @@ class Trainer:
     def log_metrics(self) -> None:
         """Read the interval's metrics from the device (collective; all ranks)."""
         record: dict[str, Any] = self.losses.reduce()
-        elapsed = time.perf_counter() - self._interval_start
+        elapsed = time.perf_counter() - self._interval_start - self._paused
         steps = max(1, self._steps_in_interval)
         norm = self._grad_norm if self._norm_from_grads else grad_norm(self.engine)
         record.update({
@@ -167,6 +169,7 @@ class Trainer:
 
     def _reset_timers(self) -> None:
         self._interval_start = time.perf_counter()
+        self._paused = 0.0
         self._data_wait = 0.0
         self._steps_in_interval = 0
 
