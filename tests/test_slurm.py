@@ -86,7 +86,7 @@ def test_sweep_array_trains_each_variant_in_its_own_run_dir(slurm_cluster, tmp_p
 
 
 def test_chain_segment_resumes_from_the_previous_one(slurm_cluster, tmp_path, digits_shards):
-    total = 60
+    total = 150  # margin: the signal takes ~0.2 s to arrive, a step here ~0.05 s
     job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": total, "train.log_interval": 1})
     run_dir = tmp_path / "run"
     proc = subprocess.run(
@@ -118,7 +118,7 @@ def test_chain_segment_resumes_from_the_previous_one(slurm_cluster, tmp_path, di
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, digits_shards):
-    total = 60
+    total = 150  # margin: the signal takes ~0.2 s to arrive, a step here ~0.05 s
     job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": total, "train.log_interval": 1})
     run_dir, out = tmp_path / "run", tmp_path / "train.out"
     job_id = slurm_cluster.sbatch("--ntasks=2", "-o", str(out), str(SLURM / "train.sbatch"), str(job),
