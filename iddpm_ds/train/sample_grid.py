@@ -24,7 +24,9 @@ def write_sample_grid(trainer: "Trainer", rate: float) -> None:
         with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
             samples = sample_images(job, state, trainer.device, job.train.sample_count,
                                     job.train.sample_respacing, seed=job.train.seed)
-        grid = make_grid(to_uint8(samples))
+        # class-conditional: one column per class (labels cycle 0..K-1)
+        columns = min(job.model.num_classes, 10) if job.model.class_cond else None
+        grid = make_grid(to_uint8(samples), nrow=columns)
         path = trainer.run_dir / "samples" / f"ema_{rate}_{trainer.step:06d}.png"
         save_png(grid, path, scale=2)
         trainer.writer.image(f"samples/ema_{rate}", grid, trainer.step)
