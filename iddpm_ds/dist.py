@@ -53,7 +53,18 @@ def _first_slurm_host() -> str:
                              capture_output=True, text=True, check=True, timeout=30)
         return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
-        return nodelist.split(",")[0]
+        return first_host(nodelist)
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm node list without scontrol: "gpu[07-09,12],cpu1" -> "gpu07"."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
+    if "[" not in head:
+        return head
+    prefix, rest = head.split("[", 1)
+    ranges, tail = rest.split("]", 1)
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first + tail.split(",")[0]
 
 
 def launched_distributed() -> bool:

@@ -100,3 +100,11 @@ def test_srun_style_environment_without_rank(tmp_path, digits_shards):
     check_trained(proc, tmp_path / "run", 2)
     saved = tmp_path / "run" / "checkpoints" / f"step{STEPS:07d}"
     assert sorted(p.name for p in saved.glob("rank*.pt")) == ["rank00000.pt", "rank00001.pt"]
+
+
+def test_first_slurm_host_without_scontrol():
+    from iddpm_ds.dist import first_host
+
+    assert first_host("gpu[07-09,12],cpu1") == "gpu07"
+    assert first_host("node1,node2") == "node1"
+    assert first_host("rack[2-3]-n,x") == "rack2-n"

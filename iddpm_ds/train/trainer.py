@@ -32,6 +32,9 @@ class Trainer:
 
     def __init__(self, job: JobSpec) -> None:
         self.job = job
+        # first: a preemption signal during start-up then ends in a checkpoint at step 1
+        # instead of the default action (death without a save)
+        self.preempt = PreemptionWatch(job.train.preempt_check_interval)
         self.run_dir = Path(job.output.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         plan = resolve_batch(job.train, dist.world_size())
@@ -60,7 +63,6 @@ class Trainer:
         self.last_saved = -1
         self.resumed_from = Resumer(self).resume()
         self.writer = MetricsWriter(self.run_dir, job.output.tensorboard, job.train.total_steps)
-        self.preempt = PreemptionWatch(job.train.preempt_check_interval)
         self._norm_from_grads = job.deepspeed.zero_stage == 0 and job.precision == "fp32"
         self._grad_norm: Any = None
         self._reset_timers()
