@@ -164,11 +164,6 @@ def log(event: str, **fields: Any) -> None:
     print(json.dumps(record, default=str), file=sys.stderr, flush=True)
 
 
-def env_flag(name: str) -> str | None:
-    """Read one environment variable; the package's only sanctioned env read outside here."""
-    return os.environ.get(name)
-
-
 def slurm_facts() -> dict[str, str]:
     """Slurm job facts worth logging and using for requeue decisions."""
     keys = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT")

@@ -16,14 +16,15 @@ from ..data import build_eval_stream, build_train_stream
 from ..diffusion import build_diffusion
 from ..diffusion.timestep_sampler import build_schedule_sampler
 from ..spec.job import JobSpec, dump_job
-from . import checkpoint as ckpt
 from .ds_config import render_ds_config, resolve_batch
 from .ema import EMA
+from .evaluation import evaluate_during_training
 from .engine import EngineModel, build_engine, grad_norm, loss_scale
 from .master import MasterWeights
 from .metrics import LossAccumulator, MetricsWriter, gather_floats, memory_mb
 from .preempt import PREEMPTED_EXIT, PreemptionWatch
 from .resume import Resumer
+from .saver import save_checkpoint
 from .sample_grid import write_sample_grid
 
 
@@ -80,7 +81,8 @@ class Trainer:
         dist.log0("train_start", step=self.step, total_steps=total, world_size=dist.world_size(),
                   per_rank_batch=self.plan.per_rank, micro=self.plan.micro,
                   accumulation=self.plan.accumulation, global_batch=self.plan.global_batch,
-                  zero_stage=self.job.deepspeed.zero_stage, precision=self.job.precision)
+                  zero_stage=self.job.deepspeed.zero_stage, precision=self.job.precision,
+                  **dist.slurm_facts())
         self._batches = iter(self.data)
         try:
             while total is None or self.step < total:
@@ -179,13 +181,9 @@ class Trainer:
         write_sample_grid(self, rate=self.job.train.ema_rate[0])
 
     def evaluate(self) -> None:
-        from .evaluation import evaluate_during_training
-
         evaluate_during_training(self)
 
     def save(self) -> None:
-        from .saver import save_checkpoint
-
         save_checkpoint(self)
         self.last_saved = self.step
 
