@@ -303,15 +303,9 @@ class GaussianDiffusion:
         progress: bool = False,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield p_sample's output at every step t = T-1, ..., 0."""
-        img, device = _initial_noise(model, shape, noise, device)
-        for i in _step_indices(self.num_timesteps, progress):
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)  # [N]
-            with torch.no_grad():
-                out = self.p_sample(
-                    model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                    model_kwargs=model_kwargs)
-            yield out
-            img = out["sample"]
+        yield from self._progressive(
+            self.p_sample, model, shape, noise, device, progress,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
 
     # ---------------------------------------------------------------- DDIM
     def ddim_sample(
@@ -394,13 +388,19 @@ class GaussianDiffusion:
         eta: float = 0.0,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield ddim_sample's output at every step t = T-1, ..., 0."""
+        yield from self._progressive(
+            self.ddim_sample, model, shape, noise, device, progress,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs, eta=eta)
+
+    def _progressive(self, step: Callable[..., dict], model: Model, shape: Sequence[int],
+                     noise: Optional[torch.Tensor], device: Optional[torch.device], progress: bool,
+                     **step_kwargs: Any) -> Iterator[dict[str, torch.Tensor]]:
+        """The shared reverse loop: x_T, then `step` at t = T-1, ..., 0, yielding each output."""
         img, device = _initial_noise(model, shape, noise, device)
         for i in _step_indices(self.num_timesteps, progress):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)  # [N]
             with torch.no_grad():
-                out = self.ddim_sample(
-                    model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                    model_kwargs=model_kwargs, eta=eta)
+                out = step(model, img, t, **step_kwargs)
             yield out
             img = out["sample"]
 
