@@ -250,7 +250,6 @@ def test_writer_folder_npz_and_overwrite(tmp_path: Path) -> None:
 
 
 def test_digits_writer_counts_and_eval_stream(tmp_path: Path) -> None:
-    pytest.importorskip("sklearn")
     from iddpm_ds_launch.make_shards import main
 
     out = tmp_path / "digits"
@@ -367,3 +366,49 @@ def test_presized_shards_equal_reference_preprocessing_of_originals(tmp_path: Pa
     x, cond = next(iter(_stream(spec, size=16, batch=len(originals))))
     for row, label in enumerate(cond["y"].tolist()):
         np.testing.assert_array_equal(x[row].numpy(), reference_preprocess(originals[label], 16))
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_writer_output_reads_with_ours_and_with_webdataset(tmp_path: Path, raw: bool) -> None:
+    import webdataset as wds
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (11, 6, 6, 3), dtype=np.uint8)
+    labels = np.arange(11) % 3
+    options = WriteOptions(shard_size=4, image_size=6, raw=raw, shuffle=False, progress=False)
+    index = write_items(array_items(pixels, labels), tmp_path / "a", options, "t")
+    write_items(array_items(pixels, labels), tmp_path / "b", options, "t")
+    urls = [str(tmp_path / "a" / s["url"]) for s in index["splits"]["train"]["shards"]]
+    assert [s["samples"] for s in index["splits"]["train"]["shards"]] == [4, 4, 3]
+    for url in urls:  # the same input gives the same bytes (fixed mtime and owner)
+        assert Path(url).read_bytes() == (tmp_path / "b" / Path(url).name).read_bytes()
+    field = "npy" if raw else "png"
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [f"{i:08d}" for i in range(11)]
+    for i, sample in enumerate(samples):
+        payload = {k for k in sample if not k.startswith("__")}
+        assert payload == {field, "cls"} and sample["cls"] == str(labels[i]).encode()
+        got = (np.load(io.BytesIO(sample["npy"]), allow_pickle=False) if raw
+               else np.asarray(Image.open(io.BytesIO(sample["png"]))))
+        np.testing.assert_array_equal(got, pixels[i])
+    spec = DataSpec(shards=str(tmp_path / "a" / "index.json"), num_workers=0, shuffle_buffer=0,
+                    shuffle_shards=False)
+    x, cond = next(iter(_stream(spec, size=6, batch=8)))
+    assert cond["y"].tolist() == labels[:8].tolist()
+    expected = torch.from_numpy(pixels[:8]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert torch.equal(x, expected)
+
+
+def test_npy_payloads_refuse_pickles_and_archives() -> None:
+    from iddpm_ds.data.preprocess import decode_npy, encode_npy
+
+    pixels = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    assert np.array_equal(decode_npy(encode_npy(pixels)), pixels)
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickle"):
+        decode_npy(pickled.getvalue())
+    archive = io.BytesIO()
+    np.savez(archive, pixels=pixels)
+    with pytest.raises(ValueError, match="not .npy"):
+        decode_npy(archive.getvalue())

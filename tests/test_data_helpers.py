@@ -3,7 +3,6 @@ id, and a resume chain that compares a resumed stream with one that never stoppe
 from __future__ import annotations
 
 import io
-import tarfile
 from pathlib import Path
 import json
 from typing import Callable, Sequence
@@ -11,6 +10,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from webdataset import TarWriter
 
 from iddpm_ds.data import build_train_stream
 from iddpm_ds.spec.data import DataSpec
@@ -23,12 +23,9 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 
 def write_tar(path: Path, samples: Sequence[tuple[str, dict[str, bytes]]]) -> Path:
-    with tarfile.open(path, "w") as tar:
+    with open(path, "wb") as fh, TarWriter(fh, encoder=False, mtime=0) as tar:
         for key, fields in samples:
-            for field, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{field}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+            tar.write({"__key__": key, **fields})
     return path
 
 

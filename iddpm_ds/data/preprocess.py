@@ -23,7 +23,6 @@ RAW_FIELD = "npy"
 """Field of pre-sized raw pixels (uint8 [H, W, 3] in .npy format; `iddpm-shards --raw`)."""
 DECODABLE_EXTENSIONS = IMAGE_EXTENSIONS + (RAW_FIELD, "webp", "bmp", "ppm", "tif", "tiff")
 """Fields the reader accepts as the image, in order of preference (reference ones first)."""
-_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -81,25 +80,10 @@ def encode_npy(array: np.ndarray) -> bytes:
 
 
 def decode_npy(data: bytes) -> np.ndarray:
-    """Parse .npy bytes without pickle; headers are parsed once per distinct header."""
-    if data[:6] != b"\x93NUMPY" or data[6] not in (1, 2, 3):
+    """.npy bytes -> array, through numpy's own reader with pickle refused (object arrays
+    and pickles raise ValueError: a shard must never run code)."""
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if not isinstance(array, np.ndarray):  # np.load reads .npz archives too
+        array.close()
         raise ValueError("not .npy data")
-    start = 10 if data[6] == 1 else 12  # header length: 2 bytes (v1) or 4 (v2, v3)
-    header = data[8:start + int.from_bytes(data[8:start], "little")]
-    info = _NPY_HEADERS.get(header)
-    if info is None:
-        fh = io.BytesIO(data[6:])
-        version = (fh.read(1)[0], fh.read(1)[0])
-        if version[0] == 1:
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-        if dtype.hasobject:
-            raise ValueError("object arrays are not images")
-        info = (dtype, shape, fortran)
-        if len(_NPY_HEADERS) < 64:
-            _NPY_HEADERS[header] = info
-    dtype, shape, fortran = info
-    count = int(np.prod(shape))
-    array = np.frombuffer(data, dtype, count=count, offset=8 + len(header))
-    return array.reshape(shape, order="F" if fortran else "C")
+    return array

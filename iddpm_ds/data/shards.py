@@ -16,13 +16,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Sequence
+from typing import BinaryIO, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 from PIL import Image
+from webdataset import TarWriter
 
 from .preprocess import IMAGE_EXTENSIONS, RAW_FIELD, center_crop_arr, decode_image, encode_npy
 from .samples import LABEL_FIELD
@@ -71,41 +71,49 @@ class Item:
     """Fixed label id (arrays, digits); without it ids number the sorted class names."""
 
 
-class ShardWriter:
-    """Writes samples into {prefix}-{i:06d}.tar, rolling over at a sample count or size."""
+class SplitWriter:
+    """Writes one split into {prefix}-{i:06d}.tar with webdataset's TarWriter, rolling over
+    at a sample count or before a shard would pass max_bytes; records each shard's entry.
+
+    Not webdataset's ShardWriter: its size limit is soft (a shard closes only after passing
+    it, counting payload bytes only), it writes under the final name (a reader could pick up
+    a half-written shard) and it reports neither samples nor bytes per shard, which the
+    index needs. Each shard is written to "NAME.tmp" and renamed when complete.
+    """
 
     def __init__(self, out_dir: Path, prefix: str, shard_size: int, max_bytes: int | None):
         self.out_dir, self.prefix = out_dir, prefix
         self.shard_size, self.max_bytes = shard_size, max_bytes
         self.shards: list[dict] = []
-        self._tar: tarfile.TarFile | None = None
+        self._file: BinaryIO | None = None
+        self._tar: TarWriter | None = None
         self._count = self._bytes = 0
 
     def write(self, key: str, fields: dict[str, bytes]) -> None:
-        size = sum(512 + -(-len(v) // 512) * 512 for v in fields.values())
+        size = sum(512 + -(-len(v) // 512) * 512 for v in fields.values())  # header + padded data
         too_big = self.max_bytes is not None and self._count and self._bytes + size > self.max_bytes
         if self._tar is not None and (self._count >= self.shard_size or too_big):
             self._finish()
         if self._tar is None:
             name = f"{self.prefix}-{len(self.shards):06d}.tar"
-            self._tar = tarfile.open(self.out_dir / (name + ".tmp"), "w",
-                                     format=tarfile.USTAR_FORMAT)
+            self._file = open(self.out_dir / (name + ".tmp"), "wb")
+            # mtime=0 and fixed owner/mode: the same input gives the same shard bytes
+            self._tar = TarWriter(self._file, encoder=False, mtime=0, user="", group="",
+                                  mode=0o444)
             self.shards.append({"url": name, "samples": 0, "bytes": 0})
-        for field, data in fields.items():
-            info = tarfile.TarInfo(f"{key}.{field}")
-            info.size, info.mode, info.mtime = len(data), 0o444, 0  # reproducible bytes
-            self._tar.addfile(info, io.BytesIO(data))
+        self._tar.write({"__key__": key, **fields})
         self._count += 1
         self._bytes += size
 
     def _finish(self) -> None:
-        assert self._tar is not None
-        self._tar.close()
+        assert self._tar is not None and self._file is not None
+        self._tar.close()  # writes the end-of-archive blocks; the file is ours to close
+        self._file.close()
         entry = self.shards[-1]
         tmp = self.out_dir / (entry["url"] + ".tmp")
         entry["samples"], entry["bytes"] = self._count, tmp.stat().st_size
         os.replace(tmp, self.out_dir / entry["url"])  # a shard appears only when complete
-        self._tar, self._count, self._bytes = None, 0, 0
+        self._tar, self._file, self._count, self._bytes = None, None, 0, 0
 
     def close(self) -> list[dict]:
         if self._tar is not None:
@@ -186,7 +194,7 @@ def write_items(items: Sequence[Item], out_dir: str | os.PathLike, options: Writ
     bar = tqdm(total=len(items), unit="img", disable=not options.progress, desc=f"shards -> {out}")
     key = 0
     for split, members in splits.items():
-        writer = ShardWriter(out, split, options.shard_size, options.max_shard_bytes)
+        writer = SplitWriter(out, split, options.shard_size, options.max_shard_bytes)
         for item in members:
             field, data = _loader(item, options)
             fields = {field: data}
