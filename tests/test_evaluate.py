@@ -30,7 +30,8 @@ CPU = torch.device("cpu")
 def demo_digits(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n of the demo set (scikit-learn's 8x8 digits) as RGB x [n, 3, 8, 8] in
     [-1, 1] on the uint8 grid, and labels [n]."""
-    datasets = pytest.importorskip("sklearn.datasets")
+    from sklearn import datasets
+
     digits = datasets.load_digits()
     gray = np.rint(digits.images[:n] * (255.0 / 16.0)).astype(np.uint8)      # [n, 8, 8]
     x = torch.from_numpy(gray).float().div(127.5).sub(1)[:, None].repeat(1, 3, 1, 1)

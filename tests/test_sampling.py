@@ -25,7 +25,7 @@ from mp_utils import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-KEY_FILE = Path("/work/shared/reference/unet_state_dict_keys.txt")
+KEY_FILE = Path(__file__).resolve().parent / "data" / "unet_state_dict_keys.txt"
 
 TINY = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult=(1, 2),
             attention_resolutions=(4,), learn_sigma=True)
@@ -225,8 +225,6 @@ def test_reference_format_state_dict_loads_and_samples(tmp_path: Path) -> None:
 
 def test_state_dict_with_the_reference_key_file_loads(tmp_path: Path) -> None:
     """A state dict made from the reference's own key/shape list (not from our UNet)."""
-    if not KEY_FILE.exists():
-        pytest.skip(f"{KEY_FILE} not present")
     gen = torch.Generator().manual_seed(0)
     state = {}
     for line in KEY_FILE.read_text().splitlines():
