@@ -123,12 +123,29 @@ def resolve(source: str | Sequence[str], allow_pipe: bool, split: str) -> ShardL
 
 
 def _check_local_exist(urls: Sequence[str], names: Sequence[str]) -> None:
+    for url, name in zip(urls, names):
+        if not is_remote(url) and os.path.isdir(url):
+            raise EmptySourceError(_folder_hint(Path(url), name))
     missing = [name for url, name in zip(urls, names)
                if not is_remote(url) and not os.path.isfile(url)]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise ShardNotFoundError(f"{len(missing)} of {len(urls)} shard files are missing: "
                                  f"{', '.join(missing[:3])}{more}")
+
+
+def _folder_hint(folder: Path, name: str) -> str:
+    """A source that names a folder: say what to name instead."""
+    if (folder / INDEX_NAME).is_file():
+        return (f"{name!r} is a folder; name its index file instead: "
+                f"{os.path.join(name, INDEX_NAME)}")
+    tars = sorted(p.name for p in folder.glob("*.tar"))
+    if tars:
+        return (f"{name!r} is a folder of {len(tars)} .tar files ({tars[0]} .. {tars[-1]}) "
+                "without an index; name them with a brace pattern (dir/train-{000000..000009}"
+                ".tar) or write an index with `iddpm-shards index`")
+    return (f"no .tar shards in folder {name!r}; write some there with iddpm-shards "
+            f"(e.g. `iddpm-shards folder IMAGES -o {name}`)")
 
 
 def _count(url: str, name: str) -> int:
