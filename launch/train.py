@@ -74,10 +74,14 @@ def load(args: argparse.Namespace):
 def check(job, world_size: int) -> int:
     """--check: everything a user wants to see before spending GPU-hours."""
     from iddpm_ds import build_model, dist
+    from iddpm_ds.data import check_sources
     from iddpm_ds.spec.job import dump_job
     from iddpm_ds.train.ds_config import render_ds_config
     from iddpm_ds.train.memory import model_state_bytes
 
+    model = job.model  # the data must exist, decode and carry labels the model can embed
+    data_lines = check_sources(job.data, image_size=model.image_size,
+                               class_cond=model.class_cond, num_classes=model.num_classes)
     config = render_ds_config(job, world_size, dist.has_gpu())
     num_params = sum(p.numel() for p in build_model(job.model).parameters())
     memory = model_state_bytes(num_params, job, world_size)
@@ -89,6 +93,8 @@ def check(job, world_size: int) -> int:
     for key, value in memory.items():
         print(f"#   {key:<18} {value / 2**20:10.1f} MiB")
     print(f"#   {'total':<18} {sum(v for k, v in memory.items() if 'cpu' not in k) / 2**20:10.1f} MiB")
+    for line in data_lines:
+        print(f"# {line}")
     return 0
 
 
@@ -103,12 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     job, error = load(args)
     if error:
         return fail(error)
+    from iddpm_ds.data.errors import DataError
     from iddpm_ds.train.ds_config import ConfigError
 
     if args.check:
         try:
             return check(job, args.world_size or dist.world_size())
-        except ConfigError as err:
+        except (ConfigError, DataError) as err:
             return fail(str(err))
     return train(job)
 
@@ -126,7 +133,11 @@ def train(job) -> int:
             trainer = Trainer(job)
         except (ConfigError, DataError, ResumeError) as err:
             return fail(str(err))
-        return trainer.run()
+        try:
+            return trainer.run()
+        except DataError as err:  # too many corrupt samples: any rank, so that rank tells
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return EXIT_BAD_JOB
     finally:
         dist.shutdown()
 

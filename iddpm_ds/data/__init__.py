@@ -2,12 +2,14 @@
 
 Public API::
 
-    from iddpm_ds.data import build_train_stream, build_eval_stream
+    from iddpm_ds.data import build_train_stream, build_eval_stream, check_sources
     stream = build_train_stream(spec.data, image_size=32, class_cond=True, batch_size=64,
-                                rank=dist.rank(), world_size=dist.world_size(), seed=0)
+                                rank=dist.rank(), world_size=dist.world_size(), seed=0,
+                                num_classes=10)
     stream.load_state_dict(all_ranks_states)      # optional, before iterating
     for x, cond in stream: ...                    # endless; x [N, 3, H, W] in [-1, 1]
     state = stream.state_dict()                   # this rank's data position
+    check_sources(spec.data, image_size=32, class_cond=True, num_classes=10)  # --check
 
 The shards are plain WebDataset tars, written by webdataset's own TarWriter
 (`iddpm-shards`) and readable by `webdataset.WebDataset`. The reader is ours because a
@@ -22,9 +24,11 @@ The shards are plain WebDataset tars, written by webdataset's own TarWriter
   that ran out first would hang the others in a collective), and a corrupt sample is
   replaced in place rather than dropped, which would shift every later position.
 """
+from .check import check_sources
 from .errors import (AllCorruptError, DataError, EmptySourceError, PipeNotAllowedError,
-                     ShardNotFoundError)
+                     ShardNotFoundError, TooManyCorruptError)
 from .reader import EvalStream, TrainStream, build_eval_stream, build_train_stream
 
-__all__ = ["build_train_stream", "build_eval_stream", "TrainStream", "EvalStream", "DataError",
-           "EmptySourceError", "ShardNotFoundError", "PipeNotAllowedError", "AllCorruptError"]
+__all__ = ["build_train_stream", "build_eval_stream", "check_sources", "TrainStream",
+           "EvalStream", "DataError", "EmptySourceError", "ShardNotFoundError",
+           "PipeNotAllowedError", "AllCorruptError", "TooManyCorruptError"]

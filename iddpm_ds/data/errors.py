@@ -1,4 +1,5 @@
-"""Errors the data module raises before training starts (one clear message each)."""
+"""Errors the data module raises (one clear line each): before training starts, and
+TooManyCorruptError while it runs."""
 from __future__ import annotations
 
 
@@ -20,3 +21,8 @@ class PipeNotAllowedError(DataError):
 
 class AllCorruptError(DataError):
     """No shard yields a single decodable sample."""
+
+
+class TooManyCorruptError(DataError):
+    """During training, more than data.max_corrupt_fraction of a rank's recent samples
+    were corrupt (raised by the stream in the training process, not in a loader worker)."""

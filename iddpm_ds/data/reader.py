@@ -24,7 +24,8 @@ from .position import (Layout, RankPlan, flat_to_positions, full_pool, make_stat
                        merge_states, pool_size, replay, same_plan, shard_order, shard_pieces,
                        to_ranges, worker_batches, _rng)
 from .preprocess import to_model_range
-from .samples import BatchFiller, CorruptSample, RawSample, decode_sample, read_pieces
+from .samples import (BatchFiller, CorruptSample, CorruptWindow, RawSample, decode_sample,
+                      read_pieces)
 from .sources import ShardList, resolve
 
 PROBE_SAMPLES_PER_SHARD = 16
@@ -52,6 +53,7 @@ class _Config:
     shuffle_buffer: int
     random_flip: bool
     fallback: tuple[np.ndarray, int]
+    num_classes: int | None = None
 
     def layout(self, worker_offset: int, segment: int) -> Layout:
         return Layout(self.world_size, self.workers, self.batch_size, self.shuffle_buffer,
@@ -70,10 +72,10 @@ def _worker_id() -> int:
     return info.id if info is not None else 0
 
 
-def _pack(images: np.ndarray, labels: np.ndarray, meta: Sequence[int], valid: np.ndarray) -> tuple:
+def _pack(images: np.ndarray, labels: np.ndarray, meta: tuple, valid: np.ndarray) -> tuple:
     """A worker's batch: only x travels as a (shared-memory) tensor; the small parts are
     pickled, which is cheaper than one shared-memory segment each."""
-    return to_model_range(torch.from_numpy(images)), labels, tuple(meta), valid  # x [N, 3, H, W]
+    return to_model_range(torch.from_numpy(images)), labels, meta, valid  # x [N, 3, H, W]
 
 
 def _as_is(batch: Any) -> Any:
@@ -109,7 +111,7 @@ class _TrainDataset(IterableDataset):
     def __iter__(self) -> Iterator[tuple]:
         cfg, at = self.cfg, self.start
         role = (_worker_id() + at.offset + at.done) % cfg.workers
-        filler = BatchFiller(cfg.image_size, cfg.class_cond, cfg.fallback)
+        filler = BatchFiller(cfg.image_size, cfg.class_cond, cfg.fallback, cfg.num_classes)
         epoch, pool, segment, offset, done = at.epoch, at.pool, at.segment, at.offset, at.done
         while True:
             plan = RankPlan(pool, cfg.layout(offset, segment), cfg.rank, cfg.seed, epoch)
@@ -180,6 +182,8 @@ class TrainStream:
         self._epoch_batches = self.batches_per_epoch
         self._loader_iter: Any = None
         self._gen: Iterator | None = None
+        self._window = CorruptWindow(spec.max_corrupt_fraction, spec.corrupt_window,
+                                     cfg.batch_size, cfg.rank)
 
     @property
     def batches_left_in_epoch(self) -> int:
@@ -247,14 +251,15 @@ class TrainStream:
             self._advance(meta, x.shape[0])
             yield x, ({"y": torch.from_numpy(y)} if cfg.class_cond else {})
 
-    def _advance(self, meta: tuple[int, int, int], size: int) -> None:
+    def _advance(self, meta: tuple[int, int, tuple[tuple[str, int], ...]], size: int) -> None:
         epoch, index, corrupt = meta
         if (epoch, index) != (self._epoch, self._done):  # would break the data position
             raise RuntimeError(f"data batches out of order: got epoch {epoch} batch {index}, "
                                f"expected epoch {self._epoch} batch {self._done}")
         self._done += 1
-        self._corrupt += corrupt
+        self._corrupt += sum(n for _, n in corrupt)
         self._samples += size
+        self._window.add(corrupt)  # raises TooManyCorruptError (here, not in a worker)
         if self._done == self._epoch_batches:
             self._end_epoch()
 
@@ -278,7 +283,8 @@ class TrainStream:
             self._gen.close()
 
 
-def _probe(shards: ShardList, image_size: int, class_cond: bool) -> tuple[np.ndarray, int]:
+def _probe(shards: ShardList, image_size: int, class_cond: bool,
+           num_classes: int | None) -> tuple[np.ndarray, int]:
     """First usable sample of the source; raises AllCorruptError when none is found.
 
     Tries up to PROBE_SAMPLES_PER_SHARD samples in each of the first PROBE_SHARDS
@@ -292,7 +298,7 @@ def _probe(shards: ShardList, image_size: int, class_cond: bool) -> tuple[np.nda
             try:
                 if raw.fields is None:
                     raise CorruptSample(raw.problem)
-                return decode_sample(raw.fields, image_size, class_cond)
+                return decode_sample(raw.fields, image_size, class_cond, num_classes)
             except CorruptSample as err:
                 reasons.append(f"{raw.shard} #{raw.index}: {err}")
     raise AllCorruptError(f"no usable sample in the first samples of {len(tried)} shards "
@@ -300,18 +306,41 @@ def _probe(shards: ShardList, image_size: int, class_cond: bool) -> tuple[np.nda
                           f"their format (image field png/jpg/jpeg/gif, label field cls)")
 
 
+def resolve_field(spec: DataSpec, field: str, class_cond: bool = False,
+                  num_classes: int | None = None) -> ShardList:
+    """The shards of spec.shards (field "shards", train split) or spec.eval_shards ("eval"
+    split); every DataError names the field. With class_cond, an index that names more
+    classes than num_classes is refused: its labels would not fit the model."""
+    try:
+        shards = resolve(getattr(spec, field), spec.allow_pipe,
+                         split="train" if field == "shards" else "eval")
+    except DataError as err:
+        raise type(err)(f"data.{field}: {err}") from None
+    names = shards.class_names
+    if class_cond and num_classes is not None and names and len(names) > num_classes:
+        raise DataError(f"data.{field}: the shard index names {len(names)} classes (labels "
+                        f"0..{len(names) - 1}) but model.num_classes is {num_classes}")
+    return shards
+
+
 def build_train_stream(spec: DataSpec, *, image_size: int, class_cond: bool, batch_size: int,
-                       rank: int, world_size: int, seed: int) -> TrainStream:
+                       rank: int, world_size: int, seed: int,
+                       num_classes: int | None = None) -> TrainStream:
     """The endless training stream of this rank; raises a DataError before training starts
-    when the source is empty, missing, all corrupt or smaller than one global batch."""
-    shards = resolve(spec.shards, spec.allow_pipe, split="train")
+    when the source is empty, missing, all corrupt or smaller than one global batch, and
+    TooManyCorruptError while iterating (see DataSpec.max_corrupt_fraction).
+
+    num_classes (model.num_classes): with class_cond, labels outside [0, num_classes) are
+    corrupt samples (None: any integer label)."""
+    shards = resolve_field(spec, "shards", class_cond, num_classes)
     if shards.total < world_size * batch_size:
-        raise DataError(f"{shards.total} training samples cannot fill one global batch of "
-                        f"{world_size} ranks x {batch_size}")
+        raise DataError(f"data.shards: {shards.total} training samples cannot fill one global "
+                        f"batch of {world_size} ranks x {batch_size}")
     _warn_size(shards, image_size)
     cfg = _Config(shards, image_size, class_cond, batch_size, rank, world_size,
                   max(1, spec.num_workers), seed, spec.shuffle_shards, spec.shuffle_buffer,
-                  spec.random_flip, _probe(shards, image_size, class_cond))
+                  spec.random_flip, _probe(shards, image_size, class_cond, num_classes),
+                  num_classes)
     dist.log0("data_train", shards=len(shards.urls), samples=shards.total,
               batches_per_epoch=shards.total // (world_size * batch_size))
     return TrainStream(cfg, spec)
@@ -339,7 +368,7 @@ class _EvalDataset(IterableDataset):
         order = np.arange(len(cfg.shards.urls))
         pieces = shard_pieces(np.array([[first, last]], dtype=np.int64), order, cfg.shards.counts)
         raws = read_pieces(pieces, cfg.shards.urls, cfg.shards.names)
-        filler = BatchFiller(cfg.image_size, cfg.class_cond, cfg.fallback)
+        filler = BatchFiller(cfg.image_size, cfg.class_cond, cfg.fallback, cfg.num_classes)
         for j, begin in enumerate(range(first, last, bsz)):
             picked = [next(raws) for _ in range(min(bsz, last - begin))]
             images = np.empty((len(picked), cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
@@ -385,7 +414,7 @@ class EvalStream:
             yield batch
         image, label = self._cfg.fallback
         for _ in range(self.max_batches - done):
-            x, _, _, _ = _pack(image[None].copy(), np.zeros(1, dtype=np.int64), (0, 0, 0),
+            x, _, _, _ = _pack(image[None].copy(), np.zeros(1, dtype=np.int64), (0, 0, ()),
                                np.zeros(1, dtype=bool))
             yield x, self._cond(np.array([label], dtype=np.int64)), torch.zeros(1, dtype=torch.bool)
 
@@ -405,22 +434,24 @@ class EvalStream:
                             multiprocessing_context=WORKER_START if workers else None,
                             generator=_private_generator(cfg.seed))
         for x, y, meta, valid in loader:
-            self.corrupt_samples += meta[2]
+            self.corrupt_samples += sum(n for _, n in meta[2])
             yield x, self._cond(y), torch.from_numpy(valid)
 
 
 def build_eval_stream(spec: DataSpec, *, image_size: int, class_cond: bool, batch_size: int,
-                      rank: int, world_size: int, num_samples: int | None = None) -> EvalStream:
+                      rank: int, world_size: int, num_samples: int | None = None,
+                      num_classes: int | None = None) -> EvalStream:
     """One pass over spec.eval_shards (the first num_samples of them in canonical order);
-    each held-out sample is served by exactly one rank (contiguous rank ranges)."""
+    each held-out sample is served by exactly one rank (contiguous rank ranges). Corrupt
+    samples (labels outside [0, num_classes) included) are masked out of `padded`."""
     if spec.eval_shards is None:
         raise DataError("data.eval_shards is not set")
-    shards = resolve(spec.eval_shards, spec.allow_pipe, split="eval")
+    shards = resolve_field(spec, "eval_shards", class_cond, num_classes)
     total = shards.total if num_samples is None else min(num_samples, shards.total)
     if num_samples is not None and num_samples > shards.total:
         dist.log0("data_eval_short", asked=num_samples, available=shards.total)
     cfg = _Config(shards, image_size, class_cond, batch_size, rank, world_size,
                   max(1, spec.num_workers), 0, False, 0, False,
-                  _probe(shards, image_size, class_cond))
+                  _probe(shards, image_size, class_cond, num_classes), num_classes)
     start, stop = rank * total // world_size, (rank + 1) * total // world_size
     return EvalStream(cfg, spec, start, stop, total)

@@ -2,21 +2,25 @@
 
 Corrupt input never changes a batch's size: a sample that cannot be read (truncated
 tar, unreadable shard), decoded (bad image bytes, no image field) or labelled (missing
-or non-integer `cls` with class_cond) is logged with shard and key, counted, and its
+or non-integer `cls`, or one outside [0, num_classes), with class_cond) is logged with shard and key, counted, and its
 slot is filled with the last good sample this worker produced (before the first one:
 the pre-flight probe sample; a worker resumed mid-epoch looks back over the samples it
 skipped in that epoch). So batch counts stay equal on every rank and the data
 position stays exact; the only duplicates an epoch can contain are these replacements.
+The training process bounds them (CorruptWindow): past data.max_corrupt_fraction of a
+rank's recent samples, training stops with an error naming the shards.
 """
 from __future__ import annotations
 
 import math
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from .. import dist
+from .errors import TooManyCorruptError
 from .preprocess import DECODABLE_EXTENSIONS, IMAGE_EXTENSIONS, preprocess_bytes
 from .sources import open_url
 from .tario import TarReader
@@ -42,9 +46,12 @@ class RawSample:
     problem: str = ""
 
 
-def decode_sample(fields: dict[str, bytes], image_size: int,
-                  class_cond: bool) -> tuple[np.ndarray, int]:
-    """Fields of one sample -> (uint8 [H, W, 3], label); raises CorruptSample."""
+def decode_sample(fields: dict[str, bytes], image_size: int, class_cond: bool,
+                  num_classes: int | None = None) -> tuple[np.ndarray, int]:
+    """Fields of one sample -> (uint8 [H, W, 3], label); raises CorruptSample.
+
+    With class_cond a label outside [0, num_classes) is corrupt: on a GPU it would index
+    past the class embedding (a device-side assert, hours into a run)."""
     name = next((e for e in IMAGE_EXTENSIONS if e in fields), None)
     name = name or next((e for e in DECODABLE_EXTENSIONS if e in fields), None)
     if name is None:
@@ -57,6 +64,9 @@ def decode_sample(fields: dict[str, bytes], image_size: int,
             label = int(fields[LABEL_FIELD].decode("ascii").strip())
         except (UnicodeDecodeError, ValueError):
             raise CorruptSample(f"label {fields[LABEL_FIELD][:20]!r} is not an integer") from None
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            raise CorruptSample(f"label {label} outside [0, {num_classes}) "
+                                "(model.num_classes)")
     try:
         return preprocess_bytes(fields[name], image_size, name), label
     except Exception as err:  # PIL raises many types for bad bytes; any of them means corrupt
@@ -109,8 +119,9 @@ def _read_shard(shard: int, ranges: list[tuple[int, int]], urls: Sequence[str],
 class BatchFiller:
     """Decodes planned samples into a batch, replacing corrupt ones (see module doc)."""
 
-    def __init__(self, image_size: int, class_cond: bool, fallback: tuple[np.ndarray, int]):
-        self.image_size, self.class_cond = image_size, class_cond
+    def __init__(self, image_size: int, class_cond: bool, fallback: tuple[np.ndarray, int],
+                 num_classes: int | None = None):
+        self.image_size, self.class_cond, self.num_classes = image_size, class_cond, num_classes
         self.last_good = fallback
         self.corrupt_total = 0
         self.earlier: Iterator[RawSample] | None = None
@@ -118,27 +129,30 @@ class BatchFiller:
         sample before any good one is replaced by the latest good one of these, as in a run
         that never stopped (decoded only then, so a healthy resume decodes none of them)."""
 
+    def _decode(self, fields: dict[str, bytes]) -> tuple[np.ndarray, int]:
+        return decode_sample(fields, self.image_size, self.class_cond, self.num_classes)
+
     def _replacement(self) -> tuple[np.ndarray, int]:
         earlier, self.earlier = self.earlier, None
         for raw in earlier or ():
             try:
                 if raw.fields is not None:
-                    self.last_good = decode_sample(raw.fields, self.image_size, self.class_cond)
+                    self.last_good = self._decode(raw.fields)
                     break
             except CorruptSample:
                 continue
         return self.last_good
 
     def fill(self, raws: Sequence[RawSample], images: np.ndarray, labels: np.ndarray,
-             valid: np.ndarray) -> int:
-        """Decode raws into images[i] ([N, H, W, 3] uint8) and labels[i]; returns #corrupt."""
-        corrupt = 0
+             valid: np.ndarray) -> tuple[tuple[str, int], ...]:
+        """Decode raws into images[i] ([N, H, W, 3] uint8) and labels[i]; returns the
+        corrupt samples' count per shard, ((shard, count), ...) (empty for a clean batch)."""
+        corrupt: Counter[str] = Counter()
         for i, raw in enumerate(raws):
             try:
                 if raw.fields is None:
                     raise CorruptSample(raw.problem or "sample missing")
-                images[i], labels[i] = self.last_good = decode_sample(
-                    raw.fields, self.image_size, self.class_cond)
+                images[i], labels[i] = self.last_good = self._decode(raw.fields)
                 valid[i], self.earlier = True, None
             except CorruptSample as err:
                 self.corrupt_total += 1
@@ -146,8 +160,8 @@ class BatchFiller:
                     self._log(raw, str(err))
                 images[i], labels[i] = self._replacement()
                 valid[i] = False
-                corrupt += 1
-        return corrupt
+                corrupt[raw.shard] += 1
+        return tuple(corrupt.items())
 
     def _log(self, raw: RawSample, reason: str) -> None:
         """One line per corrupt sample, thinned out once a worker has seen many."""
@@ -155,3 +169,40 @@ class BatchFiller:
         if total <= LOG_EVERY_AFTER or total % LOG_EVERY_AFTER == 0:
             dist.log("data_corrupt_sample", shard=raw.shard, key=raw.key, sample=raw.index,
                      reason=reason, worker_corrupt_total=total)
+
+
+class CorruptWindow:
+    """Corrupt samples among a rank's most recent batches, per shard; raises
+    TooManyCorruptError when they pass max_fraction of `window` samples (rounded up to whole
+    batches). Runs in the training process, on the counts the loader workers send along."""
+
+    def __init__(self, max_fraction: float, window: int, batch_size: int, rank: int):
+        self.batches: deque[tuple[tuple[str, int], ...]] = deque(
+            maxlen=max(1, math.ceil(window / batch_size)))
+        self.max_fraction, self.window, self.rank = max_fraction, window, rank
+        self.batch_size = batch_size
+        self.limit = max_fraction * self.batches.maxlen * batch_size
+        self.corrupt = 0
+
+    def add(self, corrupt: tuple[tuple[str, int], ...]) -> None:
+        """Count one batch's corrupt samples ((shard, count), ...)."""
+        if len(self.batches) == self.batches.maxlen:
+            self.corrupt -= sum(n for _, n in self.batches[0])
+        self.batches.append(corrupt)
+        self.corrupt += sum(n for _, n in corrupt)
+        if self.corrupt > self.limit:
+            raise TooManyCorruptError(self._message())
+
+    def _message(self) -> str:
+        by_shard: Counter[str] = Counter()
+        for batch in self.batches:
+            for shard, n in batch:
+                by_shard[shard] += n
+        named = ", ".join(f"{shard} ({n})" for shard, n in by_shard.most_common(3))
+        more = f" and {len(by_shard) - 3} more" if len(by_shard) > 3 else ""
+        return (f"data: {self.corrupt} of the last {len(self.batches) * self.batch_size} "
+                f"training samples of rank {self.rank} were corrupt, more than "
+                f"data.max_corrupt_fraction={self.max_fraction} of data.corrupt_window="
+                f"{self.window} allows; corrupt samples by shard: {named}{more}; check that "
+                "these shards are readable (a lost mount?) and their labels fit "
+                "model.num_classes")

@@ -37,6 +37,15 @@ class DataSpec(Spec):
     """Batches each worker prepares ahead."""
     random_flip: bool = False
     """Random horizontal flip (guided-diffusion's option; the reference has none)."""
+    max_corrupt_fraction: float = Field(0.2, ge=0, le=1)
+    """Stop training with an error naming the shards when more than this fraction of a
+    rank's last `corrupt_window` samples were corrupt: unreadable, undecodable, or with a
+    label missing or outside [0, model.num_classes). Corrupt samples are replaced by good
+    ones to keep batches whole, so without a limit a lost mount would train on the same few
+    images for hours. 1 turns the check off."""
+    corrupt_window: int = Field(10_000, ge=1)
+    """Most recent samples of a rank (rounded up to whole batches) that
+    max_corrupt_fraction is measured over."""
     allow_pipe: bool = False
     """Allow shard urls that run shell commands: pipe:, and http(s):// / s3:// (run as
     `pipe:curl ...` / `pipe:aws s3 cp ...`). Off by default: a spec must not run commands
