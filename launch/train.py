@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--world-size", type=int, default=None,
                         help="with --check: world size to render for (default: the launcher's, else 1)")
     parser.add_argument("--schema", type=Path, metavar="PATH",
-                        help="write the job spec's JSON schema (for editors) to PATH and exit")
+                        help="write the job spec's JSON schema (for editors) to PATH and exit; "
+                             "a .md PATH writes the Markdown field reference instead")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.job is None and args.schema is None:
@@ -104,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     from iddpm_ds.spec.job import JobSpec
 
     if args.schema:
-        args.schema.write_text(json.dumps(JobSpec.model_json_schema(), indent=2))
+        if args.schema.suffix == ".md":  # the human reference, docs/job_file.md
+            from iddpm_ds.spec.markdown import job_reference_markdown
+
+            args.schema.write_text(job_reference_markdown())
+        else:
+            args.schema.write_text(json.dumps(JobSpec.model_json_schema(), indent=2))
         return 0
     job, error = load(args)
     if error:
