@@ -17,9 +17,9 @@ import torch
 import yaml
 
 from iddpm_ds import DiffusionSpec, ModelSpec, build_diffusion
-from iddpm_ds.evaluation import evaluate_bpd, evaluate_shards, noise_seed
-from iddpm_ds.sampling import SamplingError, respaced
+from iddpm_ds.bpd import evaluate_bpd, evaluate_shards, noise_seed
 from iddpm_ds.spec.data import DataSpec
+from iddpm_ds.weights import SamplingError, respaced
 from mp_utils import run_ranks
 from test_sampling import TINY, make_run, tiny_model, tiny_specs
 

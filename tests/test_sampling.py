@@ -1,6 +1,7 @@
-"""Sampling: steps equal the diffusion's own samplers, per-image determinism (batch size,
-global RNG, 1 vs 2 real ranks), weights from run dirs and reference-format files, the npz
-layout, and the error messages for bad input (library and command line)."""
+"""The image sampler and weight loading: the loops are the diffusion's own with per-image
+noise, per-image determinism (batch size, global RNG, 1 vs 2 real ranks), weights from run
+dirs and reference-format files, the npz layout, and the error messages for bad input
+(library and command line)."""
 from __future__ import annotations
 
 import json
@@ -14,10 +15,11 @@ import pytest
 import torch
 
 from iddpm_ds import DiffusionSpec, ModelSpec, build_diffusion, build_model, specs_from_flags
-from iddpm_ds.sampling import (SampleOptions, SamplingError, _Coefficients, check_labels,
-                               ddim_step, ddpm_step, load_from_file, load_from_run, rank_batches,
-                               respaced, sample, sample_batch, specs_from_job_file,
-                               specs_from_reference_flags, write_samples)
+from iddpm_ds.image_sampler import (PerImageNoise, SampleOptions, check_labels, image_seeds,
+                                    rank_batches, sample, sample_batch, write_samples)
+from iddpm_ds.weights import (SamplingError, WeightsChoice, load_from_file, load_from_run,
+                              load_weights, respaced, specs_from_job_file,
+                              specs_from_reference_flags)
 from iddpm_ds.spec.data import DataSpec
 from iddpm_ds.spec.job import JobSpec, OutputSpec, TrainSpec, dump_job
 from iddpm_ds.train import checkpoint as ckpt
@@ -66,40 +68,33 @@ def make_run(run_dir: Path, model_spec: ModelSpec, diffusion_spec: DiffusionSpec
     return run_dir
 
 
-# ------------------------------------------------------------- steps vs the diffusion's own
-@pytest.mark.parametrize("learn_sigma", [True, False])
-def test_ddpm_step_is_p_sample_with_given_noise(learn_sigma: bool) -> None:
-    model_spec, _ = tiny_specs(learn_sigma=learn_sigma)
-    diffusion = build_diffusion(DiffusionSpec(learn_sigma=learn_sigma, diffusion_steps=40,
-                                              timestep_respacing="8"))
-    model = tiny_model(model_spec)
-    x = torch.randn(3, 3, 8, 8)
-    t = torch.tensor([0, 3, 7])  # t = 0 adds no noise in both
-    with torch.no_grad():
-        torch.manual_seed(5)
-        expected = diffusion.p_sample(model, x, t)["sample"]
-        torch.manual_seed(5)
-        noise = torch.randn_like(x)
-        got = ddpm_step(diffusion, model, x, t, noise, True, {})
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    assert not torch.equal(got[1:], ddpm_step(diffusion, model, x, t, noise * 0, True, {})[1:])
-
-
-@pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_ddim_step_is_ddim_sample_with_given_noise(eta: float) -> None:
+# ------------------------------------------------------------ the diffusion's own loops
+@pytest.mark.parametrize("use_ddim,eta", [(False, 0.0), (True, 0.7)])
+def test_batch_is_the_diffusion_loop_with_per_image_noise(use_ddim: bool, eta: float) -> None:
     model_spec, diffusion_spec = tiny_specs()
-    diffusion = respaced(diffusion_spec, "ddim10")
+    diffusion = respaced(diffusion_spec, "ddim6" if use_ddim else "6")
     model = tiny_model(model_spec)
-    x = torch.randn(3, 3, 8, 8)
-    t = torch.tensor([0, 4, 9])
-    with torch.no_grad():
-        torch.manual_seed(7)
-        expected = diffusion.ddim_sample(model, x, t, eta=eta)["sample"]
-        torch.manual_seed(7)
-        noise = torch.randn_like(x)
-        got = ddim_step(diffusion, _Coefficients(diffusion, CPU), model, x, t,
-                        noise if eta else None, eta, True, {})
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
+    opts = SampleOptions(num_samples=3, batch_size=3, use_ddim=use_ddim, eta=eta, seed=4,
+                         progress=False)
+    got, _ = sample_batch(model, diffusion, model_spec, opts, range(3), CPU)
+    seeds = image_seeds(4, range(3))
+    x_T = torch.stack([torch.randn((3, 8, 8), generator=torch.Generator().manual_seed(s[1]))
+                       for s in seeds])
+    loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
+    kwargs = {"eta": eta} if use_ddim else {}
+    noise_fn = PerImageNoise([s[2] for s in seeds], CPU)
+    expected = loop(model, x_T.shape, noise=x_T, noise_fn=noise_fn, **kwargs)
+    assert torch.equal(got, expected)
+
+
+def test_per_image_noise_depends_on_the_image_not_its_batch() -> None:
+    like = torch.empty(5, 3, 8, 8)
+    seeds = [s[2] for s in image_seeds(9, range(5))]
+    whole = PerImageNoise(seeds, CPU)
+    first, second = whole(like), whole(like)                                 # two steps
+    part = PerImageNoise(seeds[2:4], CPU)
+    assert torch.equal(part(like[2:4]), first[2:4]) and torch.equal(part(like[2:4]), second[2:4])
+    assert not torch.equal(first, second) and not torch.equal(first[0], first[1])
 
 
 def test_ddim_eta0_loop_equals_ddim_sample_loop_from_the_same_x_T() -> None:
@@ -109,12 +104,10 @@ def test_ddim_eta0_loop_equals_ddim_sample_loop_from_the_same_x_T() -> None:
     opts = SampleOptions(num_samples=3, batch_size=3, use_ddim=True, seed=4, progress=False)
     got, _ = sample_batch(model, diffusion, model_spec, opts, range(3), CPU)
     # x_T of image i is the first draw of its x_T generator: rebuild it and run the reference loop
-    from iddpm_ds.sampling import image_seeds
-
     x_T = torch.stack([torch.randn((3, 8, 8), generator=torch.Generator().manual_seed(s[1]))
                        for s in image_seeds(4, range(3))])
     expected = diffusion.ddim_sample_loop(model, x_T.shape, noise=x_T, eta=0.0)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert torch.equal(got, expected)
 
 
 # ------------------------------------------------------------------------- determinism
@@ -159,9 +152,7 @@ def test_rank_batches_cover_every_image_once() -> None:
 
 
 def _sample_on_ranks(rank: int, world_size: int, run_dir: str, options: list[dict]) -> list:
-    from iddpm_ds.sampling import load_from_run, respaced, sample
-
-    loaded = load_from_run(Path(run_dir), weights="ema", ema_rate=0.999)
+    loaded = load_weights(WeightsChoice(run_dir=Path(run_dir), ema_rate=0.999))
     out = []
     for kw in options:
         respacing = kw.pop("respacing")
