@@ -8,11 +8,13 @@
         --model-flags "--diffusion_steps 4000 --noise_schedule cosine"
     deepspeed --num_gpus 8 launch/evaluate.py --run-dir runs/demo   |   torchrun / srun likewise
 
-Every held-out sample is evaluated by exactly one rank; results are reduced once and
-printed (rank 0) as one JSON object: bpd (total), prior_bpd, vb_bpd, mse, xstart_mse,
-num_samples, and per-step terms {"vb", "mse", "xstart_mse"} for "timesteps" (ascending).
-The full bound uses every diffusion step (the default); --respacing gives a cheaper,
-looser estimate. Exit status 2 on bad input (one message).
+Every held-out sample is evaluated by exactly one rank; results are reduced once. stdout
+(rank 0) is one compact JSON object: bpd (total), prior_bpd, vb_bpd, mse, xstart_mse,
+num_samples, the weights and respacing; everything else goes to stderr. --out writes the
+full result: that object plus the per-step terms {"vb", "mse", "xstart_mse"} for
+"timesteps" (ascending, one entry per diffusion step). The full bound uses every
+diffusion step (the default); --respacing gives a cheaper, looser estimate. Exit status 2
+on bad input (one message).
 """
 from __future__ import annotations
 
@@ -20,13 +22,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any, TextIO
 
 if __package__:  # the console script: launch/ is installed as the package iddpm_ds_launch
+    from .json_stdout import json_stdout
     from .weights_args import add_weights_args, check_weights_args, weights_choice
 else:  # python launch/evaluate.py (also under deepspeed/torchrun): launch/ is sys.path[0]
+    from json_stdout import json_stdout
     from weights_args import add_weights_args, check_weights_args, weights_choice
 
 EXIT_BAD_INPUT = 2
+PER_STEP_KEYS = ("timesteps", "terms")
+"""Keys of the full result left out of stdout: lists with one entry per diffusion step."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--no-clip", action="store_true", help="do not clip predicted x_0 to [-1, 1]")
     add("--seed", type=int, default=0, help="seed of the x_t noise (with the rank)")
     add("--num-workers", type=int, help="data loader workers per rank")
-    add("--out", type=Path, help="also write the JSON to this file")
+    add("--out", type=Path, help="write the full JSON, with the per-step terms, to this file")
     add("--no-progress", action="store_true", help="no progress bar")
     add("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -88,16 +95,17 @@ def data_spec(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from iddpm_ds import dist
+    with json_stdout() as result_out:
+        from iddpm_ds import dist
 
-    dist.init()
-    try:
-        return run(args)
-    finally:
-        dist.shutdown()
+        dist.init()
+        try:
+            return run(args, result_out)
+        finally:
+            dist.shutdown()
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, result_out: TextIO) -> int:
     from iddpm_ds import dist
     from iddpm_ds.bpd import evaluate_shards
     from iddpm_ds.data import DataError
@@ -119,12 +127,16 @@ def run(args: argparse.Namespace) -> int:
               "respacing": args.respacing if args.respacing is not None
               else loaded.diffusion_spec.timestep_respacing, **result}
     if dist.is_main():
-        text = json.dumps(result)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1) + "\n")
-        print(text, flush=True)
+        print(json.dumps(compact(result)), file=result_out, flush=True)
     return 0
+
+
+def compact(result: dict[str, Any]) -> dict[str, Any]:
+    """The result without its per-step lists (1,000+ entries each at full length)."""
+    return {k: v for k, v in result.items() if k not in PER_STEP_KEYS}
 
 
 if __name__ == "__main__":

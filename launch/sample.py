@@ -19,7 +19,8 @@ checkpoint needs neither). The same --seed gives the same images on any number o
 
 Writes samples_NxHxWx3.npz (arr_0 uint8 [N, H, W, 3], arr_1 int64 labels when
 class-conditional: the reference layout) and a PNG grid of the first images next to it;
-prints one JSON line with paths and img/s. Exit status 2 on bad input (one message).
+stdout is one JSON object (paths, img/s), everything else goes to stderr. Exit status 2
+on bad input (one message).
 """
 from __future__ import annotations
 
@@ -27,10 +28,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TextIO
 
 if __package__:  # the console script: launch/ is installed as the package iddpm_ds_launch
+    from .json_stdout import json_stdout
     from .weights_args import add_weights_args, check_weights_args, weights_choice
 else:  # python launch/sample.py (also under deepspeed/torchrun): launch/ is sys.path[0]
+    from json_stdout import json_stdout
     from weights_args import add_weights_args, check_weights_args, weights_choice
 
 EXIT_BAD_INPUT = 2
@@ -89,16 +93,17 @@ def default_out(args: argparse.Namespace, loaded, respacing: str, sampler: str) 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from iddpm_ds import dist
+    with json_stdout() as result_out:
+        from iddpm_ds import dist
 
-    dist.init()
-    try:
-        return run(args)
-    finally:
-        dist.shutdown()
+        dist.init()
+        try:
+            return run(args, result_out)
+        finally:
+            dist.shutdown()
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, result_out: TextIO) -> int:
     from iddpm_ds import dist
     from iddpm_ds.image_sampler import SampleOptions, check_labels, sample, write_samples
     from iddpm_ds.weights import SamplingError, load_weights, respaced
@@ -130,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
                           "respacing": respacing, "steps": diffusion.num_timesteps,
                           "weights": loaded.weights, "step": loaded.step, "seed": opts.seed,
                           "world_size": dist.world_size(), "seconds": round(result.seconds, 3),
-                          "img_per_s": round(result.img_per_s, 3)}), flush=True)
+                          "img_per_s": round(result.img_per_s, 3)}), file=result_out,
+              flush=True)
     return 0
 
 

@@ -1,7 +1,7 @@
 """The image sampler and weight loading: the loops are the diffusion's own with per-image
 noise, per-image determinism (batch size, global RNG, 1 vs 2 real ranks), weights from run
-dirs and reference-format files, the npz layout, and the error messages for bad input
-(library and command line)."""
+dirs and reference-format files, the npz layout, the error messages for bad input (library
+and command line), and the command line's stdout (one JSON object, nothing else)."""
 from __future__ import annotations
 
 import json
@@ -328,7 +328,7 @@ def test_cli_sample_writes_npz_and_grid_and_reports_speed(tmp_path: Path) -> Non
     proc = _cli("sample.py", "--run-dir", str(run_dir), "--num-samples", "5", "--batch-size", "2",
                 "--respacing", "ddim4", "--class-labels", "2,0", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(proc.stdout)  # the whole stdout: DeepSpeed's lines went to stderr
     assert report["sampler"] == "ddim" and report["steps"] == 4 and report["img_per_s"] > 0
     assert report["weights"] == "ema_0.9999" and report["step"] == 10
     with np.load(report["npz"]) as data:
@@ -337,10 +337,35 @@ def test_cli_sample_writes_npz_and_grid_and_reports_speed(tmp_path: Path) -> Non
     assert Path(report["npz"]).parent.parent == run_dir / "samples"
 
 
+def test_json_stdout_sends_everything_else_to_stderr() -> None:
+    """The CLIs' stdout contract, against writers like DeepSpeed's: a logger bound to
+    sys.stdout at import, print, C-level writes to fd 1, and child processes."""
+    code = """if True:
+        import json, logging, os, subprocess, sys
+        from json_stdout import json_stdout
+        print("before")
+        with json_stdout() as out:
+            handler = logging.StreamHandler(stream=sys.stdout)  # as deepspeed.utils.logging
+            logging.getLogger("x").addHandler(handler)
+            logging.getLogger("x").warning("a logger line")
+            print("a print")
+            os.write(1, b"an fd-1 write\\n")
+            subprocess.run([sys.executable, "-c", "print('a child process')"], check=True)
+            print(json.dumps({"ok": 1}), file=out, flush=True)
+        print("after")
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT / "launch", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == 'before\n{"ok": 1}\nafter\n'
+    for line in ("a logger line", "a print", "an fd-1 write", "a child process"):
+        assert line in proc.stderr.splitlines()
+
+
 def test_cli_sample_bad_input_exits_2_with_one_message(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", *tiny_specs(class_cond=True, num_classes=3))
     proc = _cli("sample.py", "--run-dir", str(run_dir), "--ema-rate", "0.5", "--class-labels", "1")
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and proc.stdout == ""
     assert _errors(proc) == ["error: no EMA weights at rate 0.5 in "
                              f"{run_dir}/checkpoints/step0000010; available rates: 0.999, 0.9999 "
                              "(or use the raw weights: weights 'model')"]
@@ -362,7 +387,7 @@ def test_cli_under_torchrun_matches_one_process(tmp_path: Path) -> None:
                          "--nproc_per_node", "2"])
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
-    assert json.loads(two.stdout.strip().splitlines()[-1])["world_size"] == 2
+    assert json.loads(two.stdout)["world_size"] == 2 and json.loads(one.stdout)["world_size"] == 1
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         assert a["arr_0"].shape == (5, 8, 8, 3) and np.array_equal(a["arr_0"], b["arr_0"])
         assert np.array_equal(a["arr_1"], b["arr_1"])
