@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from .. import dist
 from ..data import build_eval_stream
 from ..diffusion import build_diffusion
-from ..evaluation import evaluate_bpd, preserved_rng
+from ..bpd import evaluate_bpd, preserved_rng
 from ..models import build_model
 
 if TYPE_CHECKING:  # pragma: no cover

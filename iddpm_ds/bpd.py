@@ -2,7 +2,7 @@
 
 Public API::
 
-    from iddpm_ds.evaluation import evaluate_bpd, evaluate_shards
+    from iddpm_ds.bpd import evaluate_bpd, evaluate_shards
     result = evaluate_shards(model, diffusion, model_spec, data_spec, batch_size=16,
                              num_samples=1000, device=dist.device())   # collective
     result["bpd"], result["prior_bpd"], result["terms"]["vb"]
@@ -24,9 +24,9 @@ import torch.distributed as torch_dist
 
 from . import dist
 from .diffusion import SpacedDiffusion
-from .sampling import SamplingError
 from .spec.data import DataSpec
 from .spec.model import ModelSpec
+from .weights import SamplingError
 
 
 @contextlib.contextmanager
