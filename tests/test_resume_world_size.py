@@ -31,7 +31,7 @@ def _resume_worker(rank: int, world: int, run_dir: str) -> dict | None:
         "step": trainer.step,
         "model": trainer.master.full_state_dict(),
         "ema": trainer.ema.full_state_dicts(),
-        "sampler": trainer.sampler.state_dict(),
+        "sampler": trainer.timestep_sampler.state_dict(),
         "exp_avg": {n: safe_get_full_optimizer_state(p, "exp_avg").cpu()
                     for n, p in zip(trainer.master.names, trainer.master.params)},
         "exp_avg_sq": {n: safe_get_full_optimizer_state(p, "exp_avg_sq").cpu()
@@ -46,7 +46,7 @@ def _saved(run_dir):
     load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
     saved = {"model": load(tag / f"model{SAVED:06d}.pt"),
              "ema": {r: load(tag / f"ema_{r}_{SAVED:06d}.pt") for r in (0.9, 0.5)},
-             "sampler": load(tag / "trainer_state.pt")["sampler"]}
+             "sampler": load(tag / "trainer_state.pt")["timestep_sampler"]}
     for moment in ("exp_avg", "exp_avg_sq"):  # full tensors DeepSpeed extracted for us
         saved[moment] = {n: _param(tag / "universal" / "zero" / n / f"{moment}.pt")
                          for n in saved["model"]}
@@ -101,7 +101,7 @@ def test_resume_on_1_and_3_ranks(tmp_path, digits_shards, stage, precision):
         latest = (run_dir / "checkpoints" / "latest").read_text()
         assert latest == f"step{MORE:07d}"
         state = torch.load(run_dir / "checkpoints" / latest / "trainer_state.pt", weights_only=True)
-        assert state["world_size"] == world
+        assert state["meta"]["world_size"] == world
 
 
 def _rewrite_run_dir(run_dir) -> None:

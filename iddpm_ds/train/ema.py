@@ -27,6 +27,10 @@ class EMA:
             torch._foreach_mul_(ema, rate)
             torch._foreach_add_(ema, source, alpha=1.0 - rate)
 
+    def full_state_dict(self, rate: float) -> dict[str, torch.Tensor]:
+        """Full EMA weights at one rate, by parameter name (collective under ZeRO)."""
+        return self.master.full_state_dict(self.params[self.rates.index(rate)])
+
     def full_state_dicts(self) -> dict[float, dict[str, torch.Tensor]]:
         """Full EMA weights per rate, by parameter name (collective under ZeRO: all ranks)."""
         return {rate: self.master.full_state_dict(ema) for rate, ema in zip(self.rates, self.params)}

@@ -18,15 +18,15 @@ from ..diffusion.timestep_sampler import build_schedule_sampler
 from ..spec.job import JobSpec, dump_job
 from .ds_config import render_ds_config, resolve_batch
 from .ema import EMA
-from .evaluation import evaluate_during_training
 from .engine import EngineModel, build_engine, grad_norm, loss_scale
 from .master import MasterWeights
 from .metrics import LossAccumulator, MetricsWriter, gather_floats, memory_mb
+from .periodic import evaluate_during_training, write_sample_grid
 from .preempt import PREEMPTED_EXIT, PreemptionWatch
-from .resume import Resumer
+from .registry import Policy, StateRegistry
+from .resume import resume
 from .saver import save_checkpoint
-from .sample_grid import write_sample_grid
-
+from .states import EMAState, EngineState, ProcessRNG, SamplerRNG, TrainCounters
 
 class Trainer:
     """Builds every component from its spec slice, resumes if it can, and trains."""
@@ -38,35 +38,58 @@ class Trainer:
         self.preempt = PreemptionWatch(job.train.preempt_check_interval)
         self.run_dir = Path(job.output.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        plan = resolve_batch(job.train, dist.world_size())
+        sizes = resolve_batch(job.train, dist.world_size())
         render_ds_config(job, dist.world_size(), dist.has_gpu())  # config errors before any work
         self.data = build_train_stream(  # missing/corrupt data fails here, before any write
             job.data, image_size=job.model.image_size, class_cond=job.model.class_cond,
-            batch_size=plan.micro, rank=dist.rank(), world_size=dist.world_size(), seed=job.train.seed)
+            batch_size=sizes.micro, rank=dist.rank(), world_size=dist.world_size(), seed=job.train.seed)
         if job.train.eval_interval:  # a bad held-out source fails now, not hours in
             build_eval_stream(job.data, image_size=job.model.image_size, class_cond=job.model.class_cond,
-                              batch_size=plan.micro, rank=dist.rank(), world_size=dist.world_size(),
+                              batch_size=sizes.micro, rank=dist.rank(), world_size=dist.world_size(),
                               num_samples=job.train.eval_samples)
         self._prepare_run_dir()
         bundle = build_engine(job)
-        self.engine, self.plan, self.dtype = bundle.engine, bundle.plan, bundle.dtype
+        self.engine, self.sizes, self.dtype = bundle.engine, bundle.sizes, bundle.dtype
         self.model_fn = EngineModel(self.engine, self.dtype)
         self.diffusion = build_diffusion(job.diffusion)
         self.master = MasterWeights(self.engine)
         self.ema = EMA(self.master, job.train.ema_rate)
         self.device = dist.device()
         torch.manual_seed(job.train.seed * 100_003 + dist.rank())  # per-rank noise and dropout
-        self.sampler = build_schedule_sampler(
+        self.timestep_sampler = build_schedule_sampler(
             job.train.schedule_sampler, self.diffusion.num_timesteps, device=self.device,
-            seed=job.train.seed, rank=dist.rank(), max_local_batch=self.plan.micro)
+            seed=job.train.seed, rank=dist.rank(), max_local_batch=self.sizes.micro)
         self.losses = LossAccumulator(self.diffusion.num_timesteps, self.device)
-        self.step = 0
-        self.last_saved = -1
-        self.resumed_from = Resumer(self).resume()
+        self.counters = TrainCounters()
+        self.registry = self._register_state()
+        self.resumed_from = resume(self.registry, self.ckpt_dir, job, self.sizes)
+        self.last_saved = self.step if self.resumed_from else -1
         self.writer = MetricsWriter(self.run_dir, job.output.tensorboard, job.train.total_steps)
         self._norm_from_grads = job.deepspeed.zero_stage == 0 and job.precision == "fp32"
         self._grad_norm: Any = None
         self._reset_timers()
+
+    def _register_state(self) -> StateRegistry:
+        """Everything a checkpoint holds. New checkpointed state: one `register` line here
+        (see registry.py for the policies; entries load in this order)."""
+        seed, registry = self.job.train.seed, StateRegistry()
+        registry.register("engine", EngineState(self.engine, self.master), Policy.SHARDED)
+        registry.register("ema", EMAState(self.ema), Policy.SHARDED)
+        registry.register("counters", self.counters, Policy.REPLICATED)
+        registry.register("timestep_sampler", self.timestep_sampler, Policy.REPLICATED)
+        registry.register("data", self.data, Policy.PER_RANK)
+        registry.register("rng", ProcessRNG(self.counters, seed), Policy.PER_RANK)
+        registry.register("timestep_sampler_rng",
+                          SamplerRNG(self.timestep_sampler, self.counters, seed), Policy.PER_RANK)
+        return registry
+
+    @property
+    def step(self) -> int:
+        return self.counters.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.counters.step = value
 
     def _prepare_run_dir(self) -> None:
         if dist.is_main():
@@ -79,8 +102,8 @@ class Trainer:
         """Train until train.total_steps (or forever); returns the process exit status."""
         total = self.job.train.total_steps
         dist.log0("train_start", step=self.step, total_steps=total, world_size=dist.world_size(),
-                  per_rank_batch=self.plan.per_rank, micro=self.plan.micro,
-                  accumulation=self.plan.accumulation, global_batch=self.plan.global_batch,
+                  per_rank_batch=self.sizes.per_rank, micro=self.sizes.micro,
+                  accumulation=self.sizes.accumulation, global_batch=self.sizes.global_batch,
                   zero_stage=self.job.deepspeed.zero_stage, precision=self.job.precision,
                   **dist.slurm_facts())
         self._batches = iter(self.data)
@@ -103,15 +126,15 @@ class Trainer:
 
     def train_step(self) -> None:
         """One optimizer step: `accumulation` micro-batches, then DeepSpeed steps."""
-        for micro in range(self.plan.accumulation):
+        for micro in range(self.sizes.accumulation):
             x_start, model_kwargs = self._next_batch()                       # [n, C, H, W]
-            t, weights = self.sampler.sample(x_start.shape[0])               # [n], [n]
+            t, weights = self.timestep_sampler.sample(x_start.shape[0])               # [n], [n]
             losses = self.diffusion.training_losses(self.model_fn, x_start, t,
                                                     model_kwargs=model_kwargs)
-            self.sampler.update_with_local_losses(t, losses["loss"].detach())  # one collective
+            self.timestep_sampler.update_with_local_losses(t, losses["loss"].detach())  # one collective
             loss = (losses["loss"] * weights).mean()
             self.engine.backward(loss)                 # DeepSpeed scales by 1/accumulation
-            if micro == self.plan.accumulation - 1 and self._wants_grad_norm():
+            if micro == self.sizes.accumulation - 1 and self._wants_grad_norm():
                 self._grad_norm = _local_grad_norm(self.engine.module)
             self.engine.step()                         # optimizer only at the boundary
             self.losses.accumulate(t, losses)
@@ -154,8 +177,8 @@ class Trainer:
         record.update({
             "grad_norm": float(norm) if norm is not None else None,
             "lr": self.engine.get_lr()[0],
-            "samples": self.step * self.plan.global_batch,
-            "img_per_s": steps * self.plan.global_batch / elapsed,
+            "samples": self.step * self.sizes.global_batch,
+            "img_per_s": steps * self.sizes.global_batch / elapsed,
             "step_time_s": elapsed / steps,
             "data_wait_s": self._data_wait / steps,
             "compute_s": (elapsed - self._data_wait) / steps,
@@ -165,7 +188,7 @@ class Trainer:
         scale = loss_scale(self.engine)
         if scale:
             record["lg_loss_scale"] = float(torch.tensor(scale).log2())
-        record.update({f"sampler_{k}": float(v) for k, v in self.sampler.metrics().items()})
+        record.update({f"sampler_{k}": float(v) for k, v in self.timestep_sampler.metrics().items()})
         record.update({f"data_{k}": v for k, v in self.data.stats().items()
                        if isinstance(v, (int, float))})
         self.writer.write(self.step, record)
@@ -178,13 +201,18 @@ class Trainer:
         self._steps_in_interval = 0
 
     def sample_grid(self) -> None:
-        write_sample_grid(self, rate=self.job.train.ema_rate[0])
+        write_sample_grid(self.job, self.ema, self.ema.rates[0], self.step, self.run_dir,
+                          self.writer, self.device)
 
     def evaluate(self) -> None:
-        evaluate_during_training(self)
+        evaluate_during_training(self.job, self.ema, self.master, self.step, self.writer,
+                                 self.device, self.sizes.micro)
 
     def save(self) -> None:
-        save_checkpoint(self)
+        meta = {"world_size": dist.world_size(), "global_batch": self.sizes.global_batch,
+                "per_rank_batch": self.sizes.per_rank, "spec": self.job.model_dump(mode="json")}
+        save_checkpoint(self.registry, self.ckpt_dir, self.step, meta,
+                        self.job.output.keep_checkpoints)
         self.last_saved = self.step
 
 
