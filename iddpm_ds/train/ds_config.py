@@ -114,15 +114,19 @@ def render_ds_config(job: JobSpec, world_size: int, has_gpu: bool) -> dict[str, 
     sizes = resolve_batch(job.train, world_size)
     config = _engine_settings(job.deepspeed, job.precision, has_gpu)
     train = job.train
+    offload = job.deepspeed.offload_optimizer
+    torch_adam = {"torch_adam": False} if offload else {"torch_adam": True, "fused": True}
     config = deep_merge(config, {
         "train_batch_size": sizes.global_batch,
         "train_micro_batch_size_per_gpu": sizes.micro,
         "gradient_accumulation_steps": sizes.accumulation,
-        # torch_adam: the reference's torch AdamW numerics; the CPU-offload path swaps in
-        # DeepSpeedCPUAdam, which implements the same update.
+        # torch_adam: the reference's torch AdamW update; the CPU-offload path swaps in
+        # DeepSpeedCPUAdam, which implements the same update. fused: torch's fused kernel,
+        # the one that takes a device-side skip flag (found_inf), which the divergence
+        # guard (guard.py) sets without a host sync.
         "optimizer": {"type": "AdamW", "params": {
             "lr": train.lr, "weight_decay": train.weight_decay, "betas": [0.9, 0.999],
-            "eps": 1e-8, "torch_adam": not job.deepspeed.offload_optimizer}},
+            "eps": 1e-8, **torch_adam}},
         "gradient_clipping": train.grad_clip,
         "bf16": {"enabled": job.precision == "bf16"},
         "fp16": {"enabled": job.precision == "fp16"},
