@@ -44,7 +44,11 @@ class EngineState:
             ckpt.atomic_torch_save(weights, tag_dir / ckpt.export_name_model(step))
 
     def load_shards(self, tag_dir: Path, step: int, saved_world_size: int) -> None:
-        if saved_world_size != dist.world_size():
+        # ZeRO-0 writes no per-rank optimizer shards: its one model-states file holds the
+        # full weights and the (replicated) optimizer state, which any world size loads as
+        # is; ds_to_universal has nothing to convert there.
+        sharded = any(tag_dir.glob("*optim_states.pt"))
+        if saved_world_size != dist.world_size() and sharded:
             load_at_new_world_size(self.engine, tag_dir)
             return
         path, _ = self.engine.load_checkpoint(
