@@ -9,7 +9,8 @@
 
 Restarting the same command resumes from the run dir's newest complete checkpoint.
 Exit status: 0 done, 2 bad job/config/data (one message, nothing written),
-75 preempted after a checkpoint (requeue to resume).
+3 diverged (train.max_nonfinite_steps non-finite steps in a row; one message, latest
+checkpoint finite), 75 preempted after a checkpoint (requeue to resume).
 """
 from __future__ import annotations
 

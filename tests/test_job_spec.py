@@ -32,11 +32,11 @@ def job_dict(tmp_path: Path, **sections) -> dict:
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_batch_triangle_per_rank_policy(tmp_path, world):
     job = JobSpec.model_validate(job_dict(tmp_path, train={"batch_size": 12, "microbatch": 4}))
-    plan = resolve_batch(job.train, world)
-    assert (plan.per_rank, plan.micro, plan.accumulation) == (12, 4, 3)
-    assert plan.global_batch == 12 * world == plan.micro * plan.accumulation * world
+    sizes = resolve_batch(job.train, world)
+    assert (sizes.per_rank, sizes.micro, sizes.accumulation) == (12, 4, 3)
+    assert sizes.global_batch == 12 * world == sizes.micro * sizes.accumulation * world
     config = render_ds_config(job, world, has_gpu=False)
-    assert config["train_batch_size"] == plan.global_batch
+    assert config["train_batch_size"] == sizes.global_batch
     assert config["train_micro_batch_size_per_gpu"] == 4
     assert config["gradient_accumulation_steps"] == 3
 
@@ -45,8 +45,8 @@ def test_batch_triangle_per_rank_policy(tmp_path, world):
 def test_batch_triangle_global_policy(tmp_path, world, micro, per_rank, accum):
     train = {"batch_size": None, "global_batch_size": 12, "microbatch": micro}
     job = JobSpec.model_validate(job_dict(tmp_path, train=train))
-    plan = resolve_batch(job.train, world)
-    assert (plan.global_batch, plan.per_rank, plan.micro, plan.accumulation) == (12, per_rank, micro, accum)
+    sizes = resolve_batch(job.train, world)
+    assert (sizes.global_batch, sizes.per_rank, sizes.micro, sizes.accumulation) == (12, per_rank, micro, accum)
 
 
 def test_global_batch_not_divisible_by_world(tmp_path):

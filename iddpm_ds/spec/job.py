@@ -66,6 +66,10 @@ class TrainSpec(Spec):
     """Respacing used for the bits/dim estimate during training (full T is slow)."""
     preempt_check_interval: int = Field(1, ge=1)
     """Optimizer steps between the cross-rank check for a preemption signal (one tiny collective)."""
+    max_nonfinite_steps: int = Field(10, ge=1)
+    """Stop the run (exit status 3) after this many optimizer steps in a row with a non-finite
+    loss or gradient norm; each such step is skipped (weights, Adam moments, EMA and sampler
+    history unchanged). Checked at log intervals and before every checkpoint."""
 
     @field_validator("ema_rate", mode="before")
     @classmethod

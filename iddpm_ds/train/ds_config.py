@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchSizes:
     """The batch triangle: global = micro x accumulation x world."""
 
     world_size: int
@@ -43,7 +43,7 @@ class BatchPlan:
         return self.per_rank * self.world_size
 
 
-def resolve_batch(train: TrainSpec, world_size: int) -> BatchPlan:
+def resolve_batch(train: TrainSpec, world_size: int) -> BatchSizes:
     """Apply the job's batch policy at this world size and check the triangle."""
     if train.global_batch_size is not None:
         if train.global_batch_size % world_size:
@@ -57,10 +57,10 @@ def resolve_batch(train: TrainSpec, world_size: int) -> BatchPlan:
     if per_rank % micro:
         raise ConfigError(f"per-rank batch {per_rank} (world size {world_size}) is not a multiple "
                           f"of train.microbatch={micro}")
-    plan = BatchPlan(world_size=world_size, per_rank=per_rank, micro=micro,
+    sizes = BatchSizes(world_size=world_size, per_rank=per_rank, micro=micro,
                      accumulation=per_rank // micro)
-    assert plan.global_batch == plan.micro * plan.accumulation * world_size
-    return plan
+    assert sizes.global_batch == sizes.micro * sizes.accumulation * world_size
+    return sizes
 
 
 def _template(name: str) -> dict[str, Any]:
@@ -111,18 +111,22 @@ def render_ds_config(job: JobSpec, world_size: int, has_gpu: bool) -> dict[str, 
     if job.precision == "fp16" and not has_gpu:
         raise ConfigError("precision: fp16 needs a GPU (DeepSpeed's CPU accelerator refuses fp16); "
                           "use precision: bf16 or fp32 on this machine")
-    plan = resolve_batch(job.train, world_size)
+    sizes = resolve_batch(job.train, world_size)
     config = _engine_settings(job.deepspeed, job.precision, has_gpu)
     train = job.train
+    offload = job.deepspeed.offload_optimizer
+    torch_adam = {"torch_adam": False} if offload else {"torch_adam": True, "fused": True}
     config = deep_merge(config, {
-        "train_batch_size": plan.global_batch,
-        "train_micro_batch_size_per_gpu": plan.micro,
-        "gradient_accumulation_steps": plan.accumulation,
-        # torch_adam: the reference's torch AdamW numerics; the CPU-offload path swaps in
-        # DeepSpeedCPUAdam, which implements the same update.
+        "train_batch_size": sizes.global_batch,
+        "train_micro_batch_size_per_gpu": sizes.micro,
+        "gradient_accumulation_steps": sizes.accumulation,
+        # torch_adam: the reference's torch AdamW update; the CPU-offload path swaps in
+        # DeepSpeedCPUAdam, which implements the same update. fused: torch's fused kernel,
+        # the one that takes a device-side skip flag (found_inf), which the divergence
+        # guard (guard.py) sets without a host sync.
         "optimizer": {"type": "AdamW", "params": {
             "lr": train.lr, "weight_decay": train.weight_decay, "betas": [0.9, 0.999],
-            "eps": 1e-8, "torch_adam": not job.deepspeed.offload_optimizer}},
+            "eps": 1e-8, **torch_adam}},
         "gradient_clipping": train.grad_clip,
         "bf16": {"enabled": job.precision == "bf16"},
         "fp16": {"enabled": job.precision == "fp16"},

@@ -9,7 +9,7 @@ import torch
 from .. import dist
 from ..models import build_model
 from ..spec.job import JobSpec, TrainSpec
-from .ds_config import BatchPlan, render_ds_config, resolve_batch
+from .ds_config import BatchSizes, render_ds_config, resolve_batch
 
 COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -31,7 +31,7 @@ def lr_factor(train: TrainSpec) -> Callable[[int], float]:
 @dataclass
 class EngineBundle:
     engine: Any                 # deepspeed.DeepSpeedEngine
-    plan: BatchPlan
+    sizes: BatchSizes
     ds_config: dict[str, Any]
     dtype: torch.dtype
 
@@ -49,7 +49,7 @@ def build_engine(job: JobSpec) -> EngineBundle:
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
-    return EngineBundle(engine=engine, plan=resolve_batch(job.train, world),
+    return EngineBundle(engine=engine, sizes=resolve_batch(job.train, world),
                         ds_config=ds_config, dtype=COMPUTE_DTYPE[job.precision])
 
 
