@@ -146,7 +146,7 @@ def evaluate_shards(model: Any, diffusion: SpacedDiffusion, model_spec: ModelSpe
     stream = build_eval_stream(data_spec, image_size=model_spec.image_size,
                                class_cond=model_spec.class_cond, batch_size=batch_size,
                                rank=dist.rank(), world_size=dist.world_size(),
-                               num_samples=num_samples)
+                               num_samples=num_samples, num_classes=model_spec.num_classes)
     result = evaluate_bpd(model, diffusion, stream.padded(), device=device,
                           clip_denoised=clip_denoised, seed=seed, progress=progress,
                           total_batches=stream.max_batches)

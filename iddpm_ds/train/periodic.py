@@ -60,7 +60,7 @@ def evaluate_during_training(job: JobSpec, ema: EMA, master: MasterWeights, step
         stream = build_eval_stream(
             job.data, image_size=job.model.image_size, class_cond=job.model.class_cond,
             batch_size=micro, rank=dist.rank(), world_size=dist.world_size(),
-            num_samples=job.train.eval_samples)
+            num_samples=job.train.eval_samples, num_classes=job.model.num_classes)
         batches = list(stream.padded())  # a small subset: read once, used for both weight sets
         model = build_model(job.model).to(device).eval()
     results: dict[str, dict[str, Any]] = {}

@@ -44,11 +44,12 @@ class Trainer:
         render_ds_config(job, dist.world_size(), dist.has_gpu())  # config errors before any work
         self.data = build_train_stream(  # missing/corrupt data fails here, before any write
             job.data, image_size=job.model.image_size, class_cond=job.model.class_cond,
-            batch_size=sizes.micro, rank=dist.rank(), world_size=dist.world_size(), seed=job.train.seed)
+            batch_size=sizes.micro, rank=dist.rank(), world_size=dist.world_size(), seed=job.train.seed,
+            num_classes=job.model.num_classes)
         if job.train.eval_interval:  # a bad held-out source fails now, not hours in
             build_eval_stream(job.data, image_size=job.model.image_size, class_cond=job.model.class_cond,
                               batch_size=sizes.micro, rank=dist.rank(), world_size=dist.world_size(),
-                              num_samples=job.train.eval_samples)
+                              num_samples=job.train.eval_samples, num_classes=job.model.num_classes)
         self._prepare_run_dir()
         bundle = build_engine(job)
         self.engine, self.sizes, self.dtype = bundle.engine, bundle.sizes, bundle.dtype
