@@ -357,14 +357,24 @@ def read_job_yaml(path: Path | str) -> tuple[Any, Optional[yaml.Node]]:
         node = loader.get_single_node()
         return (loader.construct_document(node) if node is not None else None), node
     except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        context = f" ({err.context})" if err.context and err.problem else ""
-        raise JobError(f"{where}: invalid YAML: {err.problem or err.context}{context}") from None
+        raise JobError(_yaml_error_line(path, err)) from None
     except yaml.YAMLError as err:
         raise JobError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
     finally:
         loader.dispose()
+
+
+def _yaml_error_line(path: Path, err: yaml.MarkedYAMLError) -> str:
+    """`file:LINE:COL: invalid YAML: problem (context at line L, column C)`."""
+    mark = err.problem_mark or err.context_mark
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    text = f"{where}: invalid YAML: {err.problem or err.context}"
+    if err.context and err.problem:
+        at = err.context_mark
+        # an unclosed quote or bracket is reported where the stream ends: say where it opened
+        text += (f" ({err.context} at line {at.line + 1}, column {at.column + 1})"
+                 if at and at is not mark else f" ({err.context})")
+    return text
 
 
 def _line_finder(node: Optional[yaml.Node], overrides: dict[str, Any]):

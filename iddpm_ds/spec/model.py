@@ -113,7 +113,9 @@ class ModelSpec(Spec):
 
     @property
     def resolved_channel_mult(self) -> tuple[int, ...]:
-        return self.channel_mult or DEFAULT_CHANNEL_MULT[self.image_size]
+        if self.channel_mult is not None:
+            return self.channel_mult
+        return DEFAULT_CHANNEL_MULT[self.image_size]
 
     @property
     def attention_ds(self) -> tuple[int, ...]:
