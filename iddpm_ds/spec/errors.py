@@ -70,7 +70,8 @@ def error_message(item: dict[str, Any]) -> str:
     msg = _REWORDED.get(kind, msg)
     if kind in ("missing", "value_error", "assertion_error") or isinstance(item.get("input"), dict):
         return msg
-    return f"{msg} (got {item.get('input')!r})"
+    got = repr(item.get("input"))
+    return f"{msg} (got {got if len(got) <= 80 else got[:77] + '...'})"
 
 
 def describe(err: ValidationError, prefix: str = "",

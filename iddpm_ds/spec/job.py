@@ -227,7 +227,8 @@ class JobSpec(Spec):
         key that belongs to another section is named with where it belongs."""
         if not isinstance(data, dict):
             return data
-        data = {k: ({} if v is None and k in cls.model_fields else v) for k, v in data.items()}
+        data = {k: ({} if v is None and _section_fields(k) is not None else v)
+                for k, v in data.items()}
         for name, section in data.items():
             if not isinstance(section, dict):
                 continue
