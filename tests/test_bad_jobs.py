@@ -414,3 +414,22 @@ def test_every_valid_diffusion_spec_builds(schedule):
                     rescale_timesteps=True, rescale_learned_sigmas=True))
             continue
         assert build_diffusion(spec).num_timesteps >= 1
+
+
+def test_sampling_job_files_get_the_same_errors(tmp_path):
+    """iddpm-sample / iddpm-evaluate read --job through the same YAML and learn_sigma rules."""
+    from iddpm_ds.sampling import SamplingError, specs_from_job_file
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n\tnum_channels: 32\n")
+    with pytest.raises(SamplingError, match=r"bad\.yaml:2:1: invalid YAML"):
+        specs_from_job_file(path)
+    path.write_text("model: {learn_sigma: true}\ndiffusion: {learn_sigma: sometimes}\n")
+    with pytest.raises(SamplingError, match=r"learn_sigma: Input should be a valid boolean"):
+        specs_from_job_file(path)
+    path.write_text("model: {num_channels: 48}\n")
+    with pytest.raises(SamplingError, match=r"num_channels: 48 is not a multiple of 32"):
+        specs_from_job_file(path)
+    path.write_text("model: 5\n")
+    with pytest.raises(SamplingError, match="must be mappings"):
+        specs_from_job_file(path)

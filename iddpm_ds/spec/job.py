@@ -234,8 +234,10 @@ class JobSpec(Spec):
                 continue
             own = _section_fields(name)
             for key in section:
-                home = [s for s in cls.model_fields if s != name and key in (_section_fields(s) or ())]
-                if own is not None and key not in own and home:
+                if own is None or key in own:
+                    continue  # an unknown section, or a known key: the section reports
+                home = [s for s in cls.model_fields if key in (_section_fields(s) or ())]
+                if home:
                     raise FieldError(f"{name}.{key}", f"unknown key; it belongs in "
                                                       f"{home[0]}.{key}")
         return share_learn_sigma(data)
