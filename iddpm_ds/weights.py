@@ -247,36 +247,44 @@ def specs_from_reference_flags(tokens: Sequence[str]) -> tuple[ModelSpec, Diffus
 def specs_from_job_file(path: Path) -> tuple[ModelSpec, DiffusionSpec]:
     """The model and diffusion sections of a job YAML (other sections are not needed and
     not checked); learn_sigma set in either section applies to both, as in a JobSpec."""
-    import yaml
+    from .spec.errors import JobError
+    from .spec.job import read_job_yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise SamplingError(f"job file {path} does not exist")
-    return specs_from_sections(yaml.safe_load(path.read_text()) or {}, str(path))
+    try:
+        raw = read_job_yaml(path)[0] or {}
+    except JobError as err:  # missing file, YAML syntax (with line and column)
+        raise SamplingError(str(err)) from None
+    if not isinstance(raw, dict):
+        raise SamplingError(f"{path}: a job file is a mapping of sections, got {type(raw).__name__}")
+    return specs_from_sections(raw, str(path))
 
 
 def specs_from_sections(raw: dict[str, Any], where: str) -> tuple[ModelSpec, DiffusionSpec]:
     """(ModelSpec, DiffusionSpec) of a job mapping's model and diffusion sections; learn_sigma
     set in either applies to both, as in a JobSpec. `where` names the source in errors."""
-    model, diffusion = dict(raw.get("model") or {}), dict(raw.get("diffusion") or {})
-    if "learn_sigma" in model and "learn_sigma" in diffusion \
-            and bool(model["learn_sigma"]) != bool(diffusion["learn_sigma"]):
-        raise SamplingError(f"{where}: model.learn_sigma contradicts diffusion.learn_sigma")
-    learn_sigma = model.get("learn_sigma", diffusion.get("learn_sigma"))
-    if learn_sigma is not None:
-        model["learn_sigma"] = diffusion["learn_sigma"] = learn_sigma
+    from .spec.job import share_learn_sigma
+
+    sections = {name: raw.get(name) or {} for name in ("model", "diffusion")}
+    if not all(isinstance(v, dict) for v in sections.values()):
+        raise SamplingError(f"{where}: the model and diffusion sections must be mappings")
     try:
-        return ModelSpec.model_validate(model), DiffusionSpec.model_validate(diffusion)
+        sections = share_learn_sigma(sections)
+        specs = (ModelSpec.model_validate(sections["model"]),
+                 DiffusionSpec.model_validate(sections["diffusion"]))
     except ValueError as err:
         raise SamplingError(f"{where}: invalid model/diffusion section: {_one_line(err)}") from None
+    if specs[0].learn_sigma != specs[1].learn_sigma:
+        raise SamplingError(f"{where}: model.learn_sigma contradicts diffusion.learn_sigma")
+    return specs
 
 
 def _one_line(err: ValueError) -> str:
     """A pydantic ValidationError as 'field: message; ...', any other error as its text."""
-    if hasattr(err, "errors"):
-        return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}"
-                         for e in err.errors())
-    return str(err)
+    from pydantic import ValidationError
+
+    from .spec.errors import describe
+
+    return describe(err) if isinstance(err, ValidationError) else str(err)
 
 
 def respaced(spec: DiffusionSpec, respacing: Optional[str]) -> SpacedDiffusion:

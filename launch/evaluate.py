@@ -78,7 +78,11 @@ def data_spec(args: argparse.Namespace):
     section: dict = {}
     job_file = args.job or (args.run / "job.yaml" if args.run else None)
     if job_file is not None and job_file.is_file():
-        section = dict((yaml.safe_load(job_file.read_text()) or {}).get("data") or {})
+        raw = yaml.safe_load(job_file.read_text()) or {}  # already parsed once by load()
+        section = (raw.get("data") or {}) if isinstance(raw, dict) else {}
+        if not isinstance(section, dict):
+            raise SamplingError(f"{job_file}: the data section must be a mapping")
+        section = dict(section)
     if args.eval_shards:
         # commas separate a list, except inside a brace pattern such as {000..009}
         listed = "," in args.eval_shards and "{" not in args.eval_shards

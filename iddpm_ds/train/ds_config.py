@@ -6,24 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..spec.job import DeepSpeedSpec, JobSpec, TrainSpec, deep_merge
+from ..spec.job import SPEC_OWNED, DeepSpeedSpec, JobSpec, TrainSpec, deep_merge, owned_keys_in
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
-
-# Keys the job spec owns; a template or override that sets them is a configuration error.
-SPEC_OWNED = {
-    "train_batch_size": "train.batch_size / train.global_batch_size",
-    "train_micro_batch_size_per_gpu": "train.microbatch",
-    "gradient_accumulation_steps": "train.microbatch",
-    "optimizer": "train.lr / train.weight_decay",
-    "scheduler": "train.lr_anneal_steps / train.warmup_steps",
-    "gradient_clipping": "train.grad_clip",
-    "bf16.enabled": "precision",
-    "fp16.enabled": "precision",
-    "amp": "precision",
-    "zero_optimization.stage": "deepspeed.zero_stage",
-}
-
 
 class ConfigError(ValueError):
     """A job whose engine configuration cannot work; the message names the field."""
@@ -69,18 +54,14 @@ def _template(name: str) -> dict[str, Any]:
         path = DS_CONFIG_DIR / name
     if not path.is_file():
         raise ConfigError(f"deepspeed.template {name!r} not found (looked in {DS_CONFIG_DIR})")
-    return json.loads(path.read_text())
-
-
-def _owned_keys_in(config: dict[str, Any], prefix: str = "") -> list[str]:
-    found = []
-    for key, value in config.items():
-        dotted = f"{prefix}{key}"
-        if dotted in SPEC_OWNED:
-            found.append(dotted)
-        elif isinstance(value, dict):
-            found += _owned_keys_in(value, dotted + ".")
-    return found
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"deepspeed.template {name!r}: {path} is not readable JSON "
+                          f"({' '.join(str(err).split())})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"deepspeed.template {name!r}: {path} must hold a JSON object")
+    return config
 
 
 def _engine_settings(ds: DeepSpeedSpec, precision: str, has_gpu: bool) -> dict[str, Any]:
@@ -94,7 +75,7 @@ def _engine_settings(ds: DeepSpeedSpec, precision: str, has_gpu: bool) -> dict[s
     user = [(_template(ds.template), f"deepspeed.template {ds.template}")] if ds.template else []
     user.append((ds.overrides, "deepspeed.overrides"))
     for extra, where in user:
-        owned = _owned_keys_in(extra)
+        owned = owned_keys_in(extra)
         if owned:
             raise ConfigError(f"{where} sets {owned[0]}, which the job spec owns: set "
                               f"{SPEC_OWNED[owned[0]]} instead")
