@@ -418,7 +418,7 @@ def test_every_valid_diffusion_spec_builds(schedule):
 
 def test_sampling_job_files_get_the_same_errors(tmp_path):
     """iddpm-sample / iddpm-evaluate read --job through the same YAML and learn_sigma rules."""
-    from iddpm_ds.sampling import SamplingError, specs_from_job_file
+    from iddpm_ds.weights import SamplingError, specs_from_job_file
 
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n\tnum_channels: 32\n")
