@@ -8,9 +8,10 @@
     python launch/train.py --job job.yaml --check     (validate, print, exit; trains nothing)
 
 Restarting the same command resumes from the run dir's newest complete checkpoint.
-Exit status: 0 done, 2 bad job/config/data (one message, nothing written),
-3 diverged (train.max_nonfinite_steps non-finite steps in a row; one message, latest
-checkpoint finite), 75 preempted after a checkpoint (requeue to resume).
+Exit status: 0 done, 2 bad job/config/data or machine set-up (one message, nothing
+written), 3 diverged (train.max_nonfinite_steps non-finite steps in a row; one message, latest
+checkpoint finite), 4 a collective timed out or lost a rank (one line per rank left; see
+distributed.collective_timeout_s), 75 preempted after a checkpoint (requeue to resume).
 """
 from __future__ import annotations
 
@@ -73,10 +74,12 @@ def check(job, world_size: int) -> int:
     data_lines = check_sources(job.data, image_size=model.image_size,
                                class_cond=model.class_cond, num_classes=model.num_classes)
     config = render_ds_config(job, world_size, dist.has_gpu())
+    layout = dist.layout(world_size)  # PlacementError: a local rank without a GPU
     num_params = sum(p.numel() for p in build_model(job.model).parameters())
     memory = model_state_bytes(num_params, job, world_size)
     print("# resolved job spec\n" + dump_job(job))
     print(f"# DeepSpeed config at world size {world_size}\n" + json.dumps(config, indent=2))
+    print("# layout: " + "\n#   ".join(layout.describe()))
     print(f"# parameters: {num_params:,}")
     print(f"# model-state memory per rank (ZeRO-{job.deepspeed.zero_stage}, {job.precision}, "
           f"world {world_size}; activations not included):")
@@ -110,12 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     if error:
         return fail(error)
     from iddpm_ds.data.errors import DataError
+    from iddpm_ds.placement import PlacementError
     from iddpm_ds.train.ds_config import ConfigError
 
     if args.check:
         try:
             return check(job, args.world_size if args.world_size is not None else dist.world_size())
-        except (ConfigError, DataError) as err:
+        except (ConfigError, DataError, PlacementError) as err:
             return fail(str(err))
     return train(job)
 
@@ -127,8 +131,7 @@ def train(job) -> int:
     from iddpm_ds.train.resume import ResumeError
     from iddpm_ds.train.trainer import Trainer
 
-    dist.init()
-    try:
+    with dist.session(job.distributed):  # a rank that stops answering ends the job, one line
         try:
             trainer = Trainer(job)
         except (ConfigError, DataError, ResumeError) as err:
@@ -138,8 +141,6 @@ def train(job) -> int:
         except DataError as err:  # too many corrupt samples: any rank, so that rank tells
             print(f"error: {err}", file=sys.stderr, flush=True)
             return EXIT_BAD_JOB
-    finally:
-        dist.shutdown()
 
 
 if __name__ == "__main__":

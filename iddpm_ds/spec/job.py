@@ -1,8 +1,9 @@
 """JobSpec: one validated YAML file describes a whole training job.
 
 Sections: model, diffusion (reference flags), data, train, precision, deepspeed (engine
-settings only), output. Batch sizes, lr and precision live here and nowhere else; the
-DeepSpeed config is rendered from this spec by `iddpm_ds.train.ds_config`.
+settings only), distributed (timeouts), output. Batch sizes, lr and precision live here
+and nowhere else; the DeepSpeed config is rendered from this spec by
+`iddpm_ds.train.ds_config`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .base import Spec
 from .data import DataSpec
 from .diffusion import DiffusionSpec, check_respacing
 from .errors import FieldError, JobError, describe, error_message
+from .distributed import DistributedSpec
 from .model import ModelSpec
 from .sampler import SamplerSpec
 
@@ -221,6 +223,8 @@ class JobSpec(Spec):
     """Training precision; bf16/fp16 keep fp32 master weights (fp16 with dynamic loss scaling, GPU only)."""
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """Engine settings."""
+    distributed: DistributedSpec = DistributedSpec()
+    """Timeouts on waiting for other ranks (no silent hangs)."""
     output: OutputSpec
     """Run directory and retention."""
 

@@ -40,7 +40,7 @@ def write_sample_grid(job: JobSpec, ema: EMA, rate: float, step: int, run_dir: P
         save_png(grid, path, scale=2)
         writer.image(f"samples/ema_{rate}", grid, step)
         dist.log0("sample_grid", step=step, path=str(path))
-    dist.barrier()
+    dist.wait_for_main("drawing the sample grid")
 
 
 def evaluate_during_training(job: JobSpec, ema: EMA, master: MasterWeights, step: int,

@@ -38,9 +38,9 @@ def save_checkpoint(registry: StateRegistry, ckpt_dir: Path, step: int, meta: di
     if dist.is_main():
         ckpt.atomic_torch_save(replicated, tag_dir / TRAINER_STATE)
     ckpt.atomic_torch_save(mine, tag_dir / rank_file(dist.rank()))
-    dist.barrier()  # every rank's files are on disk before the checkpoint counts
+    dist.wait_for_main("writing the checkpoint")  # every rank's files are on disk before it counts
     if dist.is_main():
         mark = {"step": step, "world_size": dist.world_size(), "time": time.time()}
         ckpt.mark_complete(ckpt_dir, tag, mark, keep)
-    dist.barrier()
+    dist.wait_for_main("pruning old checkpoints")
     dist.log0("checkpoint_saved", step=step, tag=tag, seconds=round(time.perf_counter() - start, 2))
