@@ -43,8 +43,9 @@ def _moments(trainer, safe_get_full_optimizer_state) -> dict:
     """Full Adam moments by parameter name."""
     master = trainer.master
     if not master.partitioned:  # ZeRO-0: the torch optimizer's own per-parameter state
+        # (cloned: on CPU .cpu() returns the live tensor, which training then updates)
         state = trainer.engine.basic_optimizer.state
-        return {m: {n: state[t][m].cpu() for n, t in zip(master.names, master.local())}
+        return {m: {n: state[t][m].cpu().clone() for n, t in zip(master.names, master.local())}
                 for m in ("exp_avg", "exp_avg_sq")}
     return {m: {n: safe_get_full_optimizer_state(p, m).cpu() for n, p in zip(master.names, master.params)}
             for m in ("exp_avg", "exp_avg_sq")}

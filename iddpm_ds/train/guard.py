@@ -9,9 +9,9 @@ Detection and skipping stay on the device, so the per-step path gains no host sy
   its own, and every rank reaches the same verdict.
 - The verdict gates the optimizer where it runs: a pre-step hook hands it to torch's fused
   AdamW as `found_inf`, which leaves weights, both moments and the step count untouched on
-  the device. Where DeepSpeed itself skips a non-finite step (fp16 overflow, fp32 ZeRO 1-2,
-  ZeRO-3, bf16 ZeRO-0; it reads its own flag on the host) the hook does not run and the
-  step counts as skipped too. DeepSpeedCPUAdam (ZeRO-Offload) takes no device flag; there
+  the device (the path of fp32 ZeRO-0 and bf16 ZeRO-2). Where DeepSpeed itself skips a
+  non-finite step, reading its own flag on the host (fp16 overflow, fp32 ZeRO 1-2, bf16
+  ZeRO 0-1, ZeRO-3), the hook does not run and the step counts as skipped too. DeepSpeedCPUAdam (ZeRO-Offload) takes no device flag; there
   the hook reads the verdict on the host, a path that waits for the host every step anyway.
 - `applied` (a device bool) then gates the EMA update and the timestep sampler's history;
   streak and counts are device tensors too.
