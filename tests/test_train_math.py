@@ -79,3 +79,57 @@ def test_importance_weights_and_lr_schedule_past_warm_up(tmp_path, digits_shards
     assert all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(out["lrs"], want)), \
         (out["lrs"], want)
     assert out["lrs"][-1] < out["lrs"][3]  # annealed, past warm-up
+
+
+def _fixed_steps(rank: int, world_size: int, job_path: str, micro: int) -> dict:
+    """3 optimizer steps of 8 images on fixed data, t and noise, split into micro-batches
+    of `micro`: only the engine's accumulation differs between two such runs."""
+    from iddpm_ds.spec.job import load_job
+    from iddpm_ds.train.engine import grad_norm
+    from iddpm_ds.train.trainer import Trainer
+
+    trainer = Trainer(load_job(job_path))
+    start = {k: v.clone() for k, v in trainer.master.full_state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    steps = [(torch.rand(8, 3, 16, 16, generator=gen) * 2 - 1, torch.randint(10, (8,), generator=gen),
+              torch.randint(100, (8,), generator=gen), torch.randn(8, 3, 16, 16, generator=gen))
+             for _ in range(3)]
+    split = lambda a: list(a.split(micro))  # noqa: E731
+    batches = [(x, {"y": y}) for x_s, y_s, _, _ in steps for x, y in zip(split(x_s), split(y_s))]
+    ts = [t for _, _, t_s, _ in steps for t in split(t_s)]
+    noises = [n for _, _, _, n_s in steps for n in split(n_s)]
+    trainer._batches = iter(batches)
+    trainer.timestep_sampler.sample = lambda n: (ts.pop(0), torch.ones(n))
+    training_losses = trainer.diffusion.training_losses
+    trainer.diffusion.training_losses = lambda *a, **k: training_losses(*a, noise=noises.pop(0), **k)
+    norms = []
+    for _ in steps:
+        trainer.train_step()
+        trainer.guard.poll()
+        norm = trainer.guard.grad_norm if trainer.guard.direct else grad_norm(trainer.engine)
+        norms.append(float(norm))
+    params = {k: v.clone() for k, v in trainer.master.full_state_dict().items()}
+    trainer.preempt.restore()
+    trainer.writer.close()
+    trainer.data.close()
+    update = torch.cat([(params[k] - start[k]).flatten() for k in sorted(params)])
+    return {"norms": norms, "update": update, "accumulation": trainer.sizes.accumulation}
+
+
+def test_micro_batch_accumulation_equals_the_full_batch_step(tmp_path, digits_shards):
+    """DeepSpeed averages micro-batch gradients (docs/training.md): the accumulated
+    gradient is the full batch's mean-loss gradient, so norms and weights match."""
+    runs = {}
+    for micro in (8, 4):
+        job = tiny_job(tmp_path / f"m{micro}", digits_shards, **{
+            "train.microbatch": micro, "train.schedule_sampler": "uniform", "train.max_steps": 3,
+            "data.num_workers": 0, "deepspeed.zero_stage": 0})
+        runs[micro] = run_ranks(_fixed_steps, 1, str(job), micro)[0]
+    full, accumulated = runs[8], runs[4]
+    assert full["accumulation"] == 1 and accumulated["accumulation"] == 2
+    for a, b in zip(full["norms"], accumulated["norms"]):
+        assert a > 0 and math.isclose(a, b, rel_tol=1e-4), (full["norms"], accumulated["norms"])
+    # Adam divides by sqrt(v): where a gradient is ~0, float rounding of the two summation
+    # orders moves single weights by up to lr, so the whole update is compared
+    diff = (full["update"] - accumulated["update"]).norm() / full["update"].norm()
+    assert full["update"].norm() > 0 and diff < 1e-2, float(diff)
