@@ -1,6 +1,7 @@
 """The training step's math beyond warm-up, on a real DeepSpeed engine in one real process:
 loss-aware importance weights in backward equal 1/(T p_t) of the sampler's p, the logged
-loss_weighted is loss * weight, and the lr after every step follows lr_factor."""
+loss_weighted is loss * weight, the lr after every step follows lr_factor, micro-batch
+accumulation equals the full-batch step, and grad_clip bounds the gradient AdamW steps with."""
 from __future__ import annotations
 
 import math
@@ -133,3 +134,41 @@ def test_micro_batch_accumulation_equals_the_full_batch_step(tmp_path, digits_sh
     # orders moves single weights by up to lr, so the whole update is compared
     diff = (full["update"] - accumulated["update"]).norm() / full["update"].norm()
     assert full["update"].norm() > 0 and diff < 1e-2, float(diff)
+
+
+def _clipped_norms(rank: int, world_size: int, job_path: str) -> list[tuple[float, float]]:
+    """(norm before clipping, norm the optimizer steps with) for 3 steps, ZeRO-0 fp32."""
+    from iddpm_ds.spec.job import load_job
+    from iddpm_ds.train.trainer import Trainer
+
+    trainer = Trainer(load_job(job_path))
+    trainer._batches = iter(trainer.data)
+    optimizer, seen = trainer.engine.optimizer, []
+    step = optimizer.step
+
+    def spy_step(*args, **kwargs):  # observes the gradients DeepSpeed hands to AdamW
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))))
+        return step(*args, **kwargs)
+
+    optimizer.step = spy_step
+    before = []
+    for _ in range(3):
+        trainer.train_step()
+        before.append(float(trainer.guard.grad_norm))
+    trainer.preempt.restore()
+    trainer.writer.close()
+    trainer.data.close()
+    return list(zip(before, seen))
+
+
+def test_grad_clip_bounds_the_norm_the_optimizer_sees(tmp_path, digits_shards):
+    job = tiny_job(tmp_path, digits_shards, **{
+        "train.grad_clip": 0.05, "train.max_steps": 3, "data.num_workers": 0,
+        "deepspeed.zero_stage": 0, "train.schedule_sampler": "uniform"})
+    pairs = run_ranks(_clipped_norms, 1, str(job))[0]
+    assert len(pairs) == 3
+    for before, stepped in pairs:
+        assert before > 0.05, pairs                       # the clip is active ...
+        assert math.isclose(stepped, 0.05, rel_tol=1e-3), pairs   # ... and applied
