@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from iddpm_ds.superres import downsample, with_low_res
 from iddpm_ds.spec.model import ModelSpec
-from train_utils import ROOT, events, metrics, run_train, tiny_job
+from train_utils import events, metrics, run_train, tiny_job
 
 SR = {"model.small_size": 4, "train.max_steps": 6, "train.log_interval": 3,
       "train.sample_interval": 6, "train.sample_count": 6, "train.sample_respacing": "ddim4",
