@@ -26,6 +26,7 @@ from . import dist
 from .diffusion import SpacedDiffusion
 from .spec.data import DataSpec
 from .spec.model import ModelSpec
+from .superres import downsample
 from .weights import SamplingError
 
 
@@ -76,11 +77,13 @@ def noise_seed(seed: int, rank: int) -> int:
 @torch.no_grad()
 def evaluate_bpd(model: Any, diffusion: SpacedDiffusion, batches: Iterable[tuple], *,
                  device: torch.device, clip_denoised: bool = True, seed: int = 0,
-                 progress: bool = False, total_batches: Optional[int] = None) -> dict[str, Any]:
+                 progress: bool = False, total_batches: Optional[int] = None,
+                 low_res_size: Optional[int] = None) -> dict[str, Any]:
     """Bits/dim of `model` on this rank's `batches`, reduced over all ranks (collective).
 
     batches yield (x [N, 3, H, W] in [-1, 1], cond) or (x, cond, mask [N] bool); masked-out
-    samples do not count. Returns the means over samples: "bpd" (total), "prior_bpd",
+    samples do not count. low_res_size (a super-resolution model's small_size) conditions
+    each image on itself area-downsampled (model_kwargs["low_res"]). Returns the means over samples: "bpd" (total), "prior_bpd",
     "vb_bpd" (sum of the per-step terms), "mse" (eps), "xstart_mse"; "num_samples";
     "timesteps" (original step indices, ascending) and "terms" {"vb", "mse", "xstart_mse"}
     per step in that order. Raises SamplingError when no rank saw a sample.
@@ -95,6 +98,8 @@ def evaluate_bpd(model: Any, diffusion: SpacedDiffusion, batches: Iterable[tuple
                 continue
             x = x.to(device, non_blocking=True)                                 # [N, 3, H, W]
             model_kwargs = {k: v.to(device, non_blocking=True) for k, v in cond.items()}
+            if low_res_size is not None:
+                model_kwargs["low_res"] = downsample(x, low_res_size)           # [N, 3, s, s]
             out = diffusion.calc_bpd_loop(model, x, clip_denoised=clip_denoised,
                                           model_kwargs=model_kwargs)
             weight = torch.ones(x.shape[0], device=device) if mask is None else mask.to(device)
@@ -135,12 +140,10 @@ def evaluate_shards(model: Any, diffusion: SpacedDiffusion, model_spec: ModelSpe
                     num_samples: Optional[int] = None, clip_denoised: bool = True,
                     seed: int = 0, progress: bool = False) -> dict[str, Any]:
     """Bits/dim over data_spec.eval_shards (the first num_samples), split across ranks
-    (collective). Corrupt samples are left out of the means (num_samples says how many counted)."""
+    (collective). A super-resolution model is conditioned on each held-out image
+    area-downsampled to small_size: the bpd of the large image given its low_res. Corrupt samples are left out of the means (num_samples says how many counted)."""
     from .data import build_eval_stream
 
-    if model_spec.small_size is not None:
-        raise SamplingError("bits/dim of a super-resolution model needs low-resolution inputs; "
-                            "only base models are supported")
     if data_spec.eval_shards is None:
         raise SamplingError("no held-out shards: set data.eval_shards (or give them explicitly)")
     stream = build_eval_stream(data_spec, image_size=model_spec.image_size,
@@ -149,5 +152,5 @@ def evaluate_shards(model: Any, diffusion: SpacedDiffusion, model_spec: ModelSpe
                                num_samples=num_samples, num_classes=model_spec.num_classes)
     result = evaluate_bpd(model, diffusion, stream.padded(), device=device,
                           clip_denoised=clip_denoised, seed=seed, progress=progress,
-                          total_batches=stream.max_batches)
+                          total_batches=stream.max_batches, low_res_size=model_spec.small_size)
     return {**result, "held_out_total": stream.total}

@@ -19,6 +19,12 @@ noise from generators seeded by (s, i) alone. Batch b (images b*B .. b*B+B-1) ru
 b % world_size, and rank 0 reassembles the batches in index order, so the same seed gives
 the same images (bit for bit, with the same batch size and device type) on any number of
 ranks. Labels and x_T come from CPU generators, so they are also the same on CPU and GPU.
+
+Super-resolution (model.small_size set): `SampleOptions.base_samples` holds the low-
+resolution images (the reference's super_res_sample.py --base_samples npz: arr_0 uint8
+[N, h, w, 3], arr_1 labels when class-conditional; e.g. a base run's own output). Image i
+is conditioned on base image i (low_res, and its label), so a cascade keeps the per-image
+(seed, index) guarantee: the same seed and npz give the same images on any number of ranks.
 """
 from __future__ import annotations
 
@@ -37,6 +43,46 @@ from .diffusion import SpacedDiffusion
 from .images import make_grid, save_png, to_uint8
 from .spec.model import ModelSpec
 from .weights import SamplingError
+
+
+@dataclass(frozen=True, eq=False)
+class BaseSamples:
+    """Low-resolution inputs of a super-resolution model, image i for output image i."""
+
+    images: np.ndarray
+    """uint8 [N, h, w, 3]."""
+    labels: Optional[np.ndarray] = None
+    """int64 [N] (arr_1), or None."""
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def load_base_samples(path: Path, model_spec: ModelSpec) -> BaseSamples:
+    """A base-samples npz checked against the super-resolution model (SamplingError)."""
+    if model_spec.small_size is None:
+        raise SamplingError("--base-samples is for super-resolution models (model.small_size "
+                            "set); this is a base model")
+    try:
+        with np.load(path) as data:
+            images = data["arr_0"] if "arr_0" in data else None
+            labels = data["arr_1"] if "arr_1" in data else None
+    except (OSError, ValueError) as err:
+        raise SamplingError(f"cannot read base samples {path}: {err}") from None
+    s = model_spec.small_size
+    if images is None or images.dtype != np.uint8 or images.ndim != 4 \
+            or images.shape[1:] != (s, s, 3) or not len(images):
+        got = "no arr_0" if images is None else f"{images.dtype} {list(images.shape)}"
+        raise SamplingError(f"base samples {path}: arr_0 must be uint8 [N, {s}, {s}, 3] "
+                            f"(model.small_size={s}), got {got}")
+    if model_spec.class_cond:
+        if labels is None or labels.shape != (len(images),):
+            raise SamplingError(f"base samples {path}: a class-conditional model needs arr_1, "
+                                f"one label per image ({len(images)})")
+        labels = labels.astype(np.int64)
+        if labels.min() < 0 or labels.max() >= model_spec.num_classes:
+            raise SamplingError(f"base samples {path}: labels outside 0..{model_spec.num_classes - 1}")
+    return BaseSamples(images, labels if model_spec.class_cond else None)
 
 
 @dataclass(frozen=True)
@@ -59,6 +105,8 @@ class SampleOptions:
     """Labels of a class-conditional model, cycled over the images; None draws them at random."""
     progress: bool = True
     """tqdm bar on rank 0."""
+    base_samples: Optional[BaseSamples] = None
+    """A super-resolution model's low-resolution inputs (and labels); one per image."""
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.batch_size < 1:
@@ -69,6 +117,12 @@ class SampleOptions:
             raise SamplingError(f"eta must be >= 0, got {self.eta}")
         if self.eta and not self.use_ddim:
             raise SamplingError("eta applies to DDIM only; sample with DDIM or leave eta at 0")
+        if self.base_samples is not None and self.num_samples > len(self.base_samples):
+            raise SamplingError(f"num_samples={self.num_samples} exceeds the "
+                                f"{len(self.base_samples)} base samples")
+        if self.base_samples is not None and self.class_labels is not None:
+            raise SamplingError("class labels come from the base samples (arr_1); give no "
+                                "--class-labels with --base-samples")
 
 
 @dataclass
@@ -81,11 +135,16 @@ class SampleResult:
     img_per_s: float
 
 
-def check_labels(model_spec: ModelSpec, class_labels: Optional[Sequence[int]]) -> None:
-    """SamplingError for labels given to an unconditional model or outside 0..num_classes-1."""
-    if model_spec.small_size is not None:
-        raise SamplingError("this is a super-resolution model (model.small_size is set): it needs "
-                            "low-resolution inputs; iddpm-sample samples base models only")
+def check_labels(model_spec: ModelSpec, class_labels: Optional[Sequence[int]],
+                 base_samples: Optional[BaseSamples] = None) -> None:
+    """SamplingError for labels given to an unconditional model or outside 0..num_classes-1,
+    and for a super-resolution model without base samples (or a base model with them)."""
+    if model_spec.small_size is not None and base_samples is None:
+        raise SamplingError("this is a super-resolution model (model.small_size is set): give "
+                            "its low-resolution inputs with --base-samples (an npz, arr_0 uint8 "
+                            f"[N, {model_spec.small_size}, {model_spec.small_size}, 3])")
+    if model_spec.small_size is None and base_samples is not None:
+        raise SamplingError("base samples are for super-resolution models; this is a base model")
     if class_labels is None:
         return
     if not model_spec.class_cond:
@@ -129,6 +188,8 @@ def _batch_labels(model_spec: ModelSpec, opts: SampleOptions, indices: range,
                   seeds: list[tuple[int, int, int]]) -> Optional[torch.Tensor]:
     if not model_spec.class_cond:
         return None
+    if opts.base_samples is not None:
+        return torch.from_numpy(opts.base_samples.labels[indices.start:indices.stop])
     if opts.class_labels is not None:
         return torch.tensor([opts.class_labels[i % len(opts.class_labels)] for i in indices])
     return torch.cat([torch.randint(model_spec.num_classes, (1,),
@@ -146,6 +207,10 @@ def sample_batch(model: torch.nn.Module, diffusion: SpacedDiffusion, model_spec:
     x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s[1]))
                        for s in seeds]).to(device)                           # [n, 3, H, W]
     model_kwargs = {"y": labels.to(device)} if labels is not None else {}
+    if opts.base_samples is not None:
+        low_res = torch.from_numpy(opts.base_samples.images[indices.start:indices.stop])
+        # uint8 [n, h, w, 3] -> [-1, 1] [n, 3, h, w], as the reference's super_res_sample.py
+        model_kwargs["low_res"] = (low_res.permute(0, 3, 1, 2).float() / 127.5 - 1).to(device)
     # DDIM at eta 0 scales the step noise by sigma = 0: no generator needs to draw it
     noise_fn = (torch.zeros_like if opts.use_ddim and opts.eta == 0
                 else PerImageNoise([s[2] for s in seeds], device))
@@ -169,7 +234,7 @@ def sample(model: torch.nn.Module, diffusion: SpacedDiffusion, model_spec: Model
     """opts.num_samples images over all ranks (collective: call on every rank).
 
     Rank 0 gets every image in index order; the others get None."""
-    check_labels(model_spec, opts.class_labels)
+    check_labels(model_spec, opts.class_labels, opts.base_samples)
     rank, world = dist.rank(), dist.world_size()
     mine = rank_batches(opts.num_samples, opts.batch_size, rank, world)
     rounds = math.ceil(math.ceil(opts.num_samples / opts.batch_size) / world)

@@ -99,8 +99,13 @@ def weights_path(tag_dir: Path, weights: str = "ema", ema_rate: Optional[float] 
 
 
 def _trainer_state(tag_dir: Path) -> dict[str, Any]:
+    """The checkpoint's trainer state with "spec" and "ema_rates" at the top: the trainer
+    keeps them under "meta" (the resolved spec), older files at the top."""
     path = tag_dir / "trainer_state.pt"
-    return ckpt.load_plain(path) if path.is_file() else {}
+    state = ckpt.load_plain(path) if path.is_file() else {}
+    spec = state.get("spec") or (state.get("meta") or {}).get("spec")
+    rates = state.get("ema_rates") or ((spec or {}).get("train") or {}).get("ema_rate")
+    return {**state, "spec": spec, "ema_rates": rates}
 
 
 def run_specs(run_dir: Path, tag_dir: Optional[Path] = None) -> tuple[ModelSpec, DiffusionSpec]:

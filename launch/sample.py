@@ -6,6 +6,7 @@
     iddpm-sample --checkpoint ema_0.9999_500000.pt --num-samples 16 \\
         --model-flags "--image_size 64 --num_channels 128 --num_res_blocks 3 --learn_sigma True" \\
         --model-flags "--diffusion_steps 4000 --noise_schedule cosine" --respacing 100
+    iddpm-sample --run-dir runs/sr --base-samples runs/base/samples/.../samples_Nx64x64x3.npz
     deepspeed --num_gpus 8 launch/sample.py --run-dir runs/demo --num-samples 50000 --batch-size 64
     torchrun --nproc_per_node 8 launch/sample.py ...   |   srun python launch/sample.py ...
 
@@ -16,6 +17,11 @@ Weights: a run dir's newest complete checkpoint (or --step), EMA (--ema-rate, de
 job's first rate) or raw (--weights model); or a plain state-dict file (--checkpoint, the
 reference's files too) with the spec from --job or --model-flags (a file inside a run's
 checkpoint needs neither). The same --seed gives the same images on any number of ranks.
+
+A super-resolution model (model.small_size) upsamples --base-samples: an npz of
+low-resolution images (arr_0 uint8 [N, small, small, 3], arr_1 labels if class-conditional),
+such as a base run's own output (a two-stage cascade); image i is conditioned on base image
+i, and --num-samples defaults to all of them.
 
 Writes samples_NxHxWx3.npz (arr_0 uint8 [N, H, W, 3], arr_1 int64 labels when
 class-conditional: the reference layout) and a PNG grid of the first images next to it;
@@ -45,7 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_weights_args(parser)
     add = parser.add_argument
-    add("--num-samples", type=int, default=16, help="images over all ranks (default 16)")
+    add("--num-samples", type=int, default=None,
+        help="images over all ranks (default 16; with --base-samples, all of them)")
+    add("--base-samples", type=Path,
+        help="super-resolution: npz of low-resolution images (arr_0 uint8 [N, h, w, 3], "
+             "arr_1 labels if class-conditional)")
     add("--batch-size", type=int, default=16, help="images per forward pass per rank")
     add("--respacing", help='"250", "10,10,10", "ddim50"; default: the spec\'s (all steps)')
     add("--sampler", choices=("auto", "ddpm", "ddim"), default="auto",
@@ -105,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, result_out: TextIO) -> int:
     from iddpm_ds import dist
-    from iddpm_ds.image_sampler import SampleOptions, check_labels, sample, write_samples
+    from iddpm_ds.image_sampler import (SampleOptions, check_labels, load_base_samples, sample,
+                                        write_samples)
     from iddpm_ds.weights import SamplingError, load_weights, respaced
 
     try:
@@ -115,11 +126,15 @@ def run(args: argparse.Namespace, result_out: TextIO) -> int:
                      else loaded.diffusion_spec.timestep_respacing)
         use_ddim = args.sampler == "ddim" or (args.sampler == "auto"
                                               and respacing.startswith("ddim"))
-        opts = SampleOptions(num_samples=args.num_samples, batch_size=args.batch_size,
+        base = (load_base_samples(args.base_samples, loaded.model_spec)
+                if args.base_samples is not None else None)
+        num_samples = (args.num_samples if args.num_samples is not None
+                       else len(base) if base is not None else 16)
+        opts = SampleOptions(num_samples=num_samples, batch_size=args.batch_size,
                              use_ddim=use_ddim, eta=args.eta, clip_denoised=not args.no_clip,
                              seed=args.seed, class_labels=parse_labels(args.class_labels),
-                             progress=not args.no_progress)
-        check_labels(loaded.model_spec, opts.class_labels)
+                             progress=not args.no_progress, base_samples=base)
+        check_labels(loaded.model_spec, opts.class_labels, base)
     except (SamplingError, OSError) as err:
         return fail(str(err))
     sampler = "ddim" if use_ddim else "ddpm"

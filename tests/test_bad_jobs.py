@@ -114,8 +114,8 @@ CASES: dict[str, Case] = {
     "channel_mult zero": Case("model.channel_mult: needs one or more positive",
                               change={"model.channel_mult": [1, 0]}),
     "dropout 1": Case("model.dropout: Input should be less than 1", change={"model.dropout": 1.0}),
-    "super-resolution": Case("model.small_size: training a super-resolution model",
-                             change={"model.small_size": 8}),
+    "super-resolution not smaller": Case("model.small_size: 16 must be below image_size=16",
+                                         change={"model.small_size": 16}),
     "misplaced key": Case("model.diffusion_steps: unknown key; it belongs in diffusion.diffusion_steps",
                           change={"model.diffusion_steps": 50}),
     # --- diffusion

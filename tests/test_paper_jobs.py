@@ -19,6 +19,7 @@ REFERENCE_PARAMS = {
     "imagenet64_simple_linear.yaml": 121_060_483,
     "imagenet64_cond.yaml": 273_049_350,
     "lsun_bedroom256.yaml": 113_676_678,
+    "upsample64_256_cond.yaml": 279_792_390,
 }
 
 

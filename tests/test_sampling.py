@@ -389,3 +389,13 @@ def test_cli_under_torchrun_matches_one_process(tmp_path: Path) -> None:
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         assert a["arr_0"].shape == (5, 8, 8, 3) and np.array_equal(a["arr_0"], b["arr_0"])
         assert np.array_equal(a["arr_1"], b["arr_1"])
+
+
+def test_default_ema_rate_is_the_jobs_first_in_a_trainer_layout(tmp_path: Path) -> None:
+    """The trainer keeps the resolved spec under trainer_state["meta"]: the default EMA
+    weights are then still the job's first rate, not the smallest one on disk."""
+    run_dir = make_run(tmp_path / "run", *tiny_specs(), rates=(0.9999, 0.999))
+    state_path = run_dir / "checkpoints" / ckpt.tag_for(10) / "trainer_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    torch.save({"meta": {"spec": state["spec"]}}, state_path)
+    assert load_weights(WeightsChoice(run_dir=run_dir)).weights == "ema_0.9999"

@@ -256,10 +256,6 @@ class JobSpec(Spec):
             raise FieldError("diffusion.learn_sigma", (
                 f"{self.diffusion.learn_sigma} contradicts model.learn_sigma="
                 f"{self.model.learn_sigma}: one flag drives both; set it in one section"))
-        if self.model.small_size is not None:
-            raise FieldError("model.small_size", (
-                "training a super-resolution model is not supported: the data pipeline gives "
-                "no low-resolution inputs (the spec can still describe one for sampling)"))
         if self.train.eval_interval and not self.data.eval_shards:
             raise FieldError("train.eval_interval", "needs data.eval_shards")
         for field in ("sample_respacing", "eval_respacing"):

@@ -4,6 +4,10 @@ Per-sample losses are summed overall and per quartile of t (reference keys key_q
 quartile = int(4 t / T)) with index_add_, so a micro-step costs a few tiny kernels and no
 host sync. At a log interval all ranks pack their sums into one tensor, all-reduce it
 once, and rank 0 writes JSONL, TensorBoard and a console line.
+
+`loss` is the raw per-sample loss; `loss_weighted` is loss * importance weight (what the
+backward pass sees, and what the reference logs under loss-aware sampling). With the
+uniform sampler the two are equal.
 """
 from __future__ import annotations
 
@@ -31,7 +35,12 @@ class LossAccumulator:
         self.counts = torch.zeros(5, dtype=torch.float64, device=device)
 
     @torch.no_grad()
-    def accumulate(self, t: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
+    def accumulate(self, t: torch.Tensor, losses: dict[str, torch.Tensor],
+                   weights: torch.Tensor | None = None) -> None:
+        """Add one micro-batch: `losses` maps key -> [N]; `weights` [N] (the sampler's
+        importance weights) adds `loss_weighted` = loss * weights."""
+        if weights is not None:
+            losses = {**losses, "loss_weighted": losses["loss"].detach() * weights}
         quartile = (4 * t // self.num_timesteps).clamp_(0, 3)            # [N]
         ones = torch.ones_like(t, dtype=torch.float64)
         self.counts.index_add_(0, quartile, ones)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .. import dist
 from ..data import build_eval_stream
@@ -21,26 +22,44 @@ from ..spec.job import JobSpec
 from .ema import EMA
 from .master import MasterWeights
 from .metrics import MetricsWriter
-from .sample_grid import sample_images
+from .sample_grid import sample_images, super_res_inputs
 
 
 def write_sample_grid(job: JobSpec, ema: EMA, rate: float, step: int, run_dir: Path,
                       writer: MetricsWriter, device: torch.device) -> None:
     """Assemble the EMA weights (collective), sample on rank 0, write PNG + TensorBoard."""
     state = ema.full_state_dict(rate)
-    if dist.is_main() and job.model.small_size is None:
-        # fork_rng: drawing the grid must not shift rank 0's training noise stream
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            samples = sample_images(job, state, device, job.train.sample_count,
-                                    job.train.sample_respacing, seed=job.train.seed)
-        # class-conditional: one column per class (labels cycle 0..K-1)
-        columns = min(job.model.num_classes, 10) if job.model.class_cond else None
-        grid = make_grid(to_uint8(samples), nrow=columns)
+    if dist.is_main():
+        # preserved_rng: drawing the grid (and the SR inputs' loader) must not shift rank
+        # 0's training noise stream
+        with preserved_rng(device):
+            grid = _grid(job, state, device)
         path = run_dir / "samples" / f"ema_{rate}_{step:06d}.png"
         save_png(grid, path, scale=2)
         writer.image(f"samples/ema_{rate}", grid, step)
         dist.log0("sample_grid", step=step, path=str(path))
     dist.wait_for_main("drawing the sample grid")
+
+
+def _grid(job: JobSpec, state: dict[str, torch.Tensor], device: torch.device) -> Any:
+    """uint8 [H', W', 3]. Base model: class-conditional grids get one column per class
+    (labels cycle 0..K-1). Super-resolution: rows of low_res inputs (nearest-upsampled),
+    each followed by the row of samples drawn from them."""
+    count = job.train.sample_count
+    if job.model.small_size is None:
+        samples = sample_images(job, state, device, count, job.train.sample_respacing,
+                                seed=job.train.seed)
+        columns = min(job.model.num_classes, 10) if job.model.class_cond else None
+        return make_grid(to_uint8(samples), nrow=columns)
+    _, model_kwargs = super_res_inputs(job, count, device)
+    samples = sample_images(job, state, device, len(model_kwargs["low_res"]),
+                            job.train.sample_respacing, seed=job.train.seed,
+                            model_kwargs=model_kwargs)                       # [n, 3, H, W]
+    inputs = F.interpolate(model_kwargs["low_res"], size=samples.shape[2:], mode="nearest")
+    columns = min(len(samples), 8)
+    rows = [t for start in range(0, len(samples), columns)
+            for t in (inputs[start:start + columns], samples[start:start + columns])]
+    return make_grid(to_uint8(torch.cat(rows)), nrow=columns)
 
 
 def evaluate_during_training(job: JobSpec, ema: EMA, master: MasterWeights, step: int,
@@ -52,9 +71,6 @@ def evaluate_during_training(job: JobSpec, ema: EMA, master: MasterWeights, step
     x_t noise, so their difference is the weights'. Writes one metrics record (all ranks
     call it); training RNG streams do not move."""
     start = time.perf_counter()
-    if job.model.small_size is not None:  # held-out shards carry no low-resolution inputs
-        dist.log0("eval_skipped", step=step, reason="super-resolution model")
-        return
     diffusion = build_diffusion(job.diffusion.with_respacing(job.train.eval_respacing))
     with preserved_rng(device):  # model init and loader start-up draw from the RNGs
         stream = build_eval_stream(
@@ -68,7 +84,8 @@ def evaluate_during_training(job: JobSpec, ema: EMA, master: MasterWeights, step
     for name, full_state in weights:
         model.load_state_dict(full_state(), strict=True)                     # collective
         results[name] = evaluate_bpd(model, diffusion, batches, device=device,
-                                     seed=job.train.seed)                      # collective
+                                     seed=job.train.seed,
+                                     low_res_size=job.model.small_size)        # collective
     del model
     ema_res, raw = results["ema"], results["model"]
     seconds = round(time.perf_counter() - start, 3)

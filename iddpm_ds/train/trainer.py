@@ -17,6 +17,7 @@ from ..data import build_eval_stream, build_train_stream
 from ..diffusion import build_diffusion
 from ..diffusion.timestep_sampler import build_schedule_sampler
 from ..spec.job import JobSpec, dump_job
+from ..superres import with_low_res
 from .ds_config import render_ds_config, resolve_batch
 from .ema import EMA
 from .engine import EngineModel, build_engine, grad_norm, loss_scale
@@ -149,7 +150,7 @@ class Trainer:
             if micro == self.sizes.accumulation - 1:
                 self.guard.measure_grads()             # ZeRO-0 fp32: norm before clipping
             self.engine.step()                         # optimizer only at the boundary
-            self.losses.accumulate(t, losses)
+            self.losses.accumulate(t, losses, weights)
         applied = self.guard.end_step()                # device bool: no host sync
         self.timestep_sampler.end_step(applied)
         self.ema.update(applied)
@@ -162,7 +163,7 @@ class Trainer:
         self._data_wait += time.perf_counter() - start
         x_start = batch.to(self.device, non_blocking=True)
         model_kwargs = {k: v.to(self.device, non_blocking=True) for k, v in cond.items()}
-        return x_start, model_kwargs
+        return x_start, with_low_res(self.job.model, x_start, model_kwargs)  # SR: + low_res
 
     def _after_step(self) -> None:
         train, step = self.job.train, self.step
