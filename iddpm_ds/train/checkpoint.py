@@ -6,11 +6,13 @@
         mp_rank_*, *optim_states.pt      engine state (DeepSpeed's files)
         model000100.pt                   fp32 weights, reference file name (plain state dict)
         ema_0.9999_000100.pt             EMA weights per rate, reference file names
-        trainer_state.pt                 step, sampler history, spec, world size (rank 0)
-        rank00000.pt ...                 per-rank data position and RNG states
+        trainer_state.pt                 REPLICATED states by name + meta (spec, world size), rank 0
+        rank00000.pt ...                 PER_RANK states by name (data position, RNG streams)
         complete.json                    written after every rank finished: the completion mark
 
-Every file of ours is a dict of tensors and plain types, loaded with weights_only=True.
+What goes into these files is the state registry's business (registry.py); this module
+only knows the layout. Every file of ours is a dict of tensors and plain types, loaded
+with weights_only=True.
 """
 from __future__ import annotations
 

@@ -1,0 +1,159 @@
+"""kill -9 soak: training is killed (the whole process group, launcher and ranks) at random
+points, a dozen times: during start-up, mid-training, during a checkpoint save and during a
+universal-checkpoint conversion (the world size alternates between 1 and 2 ranks, so most
+restarts reshape). Each time the same command is restarted. In the end the run completes,
+every checkpoint `latest` ever pointed to loads, and no kill lost more than save_interval
+steps. (A kill during DeepSpeed's first-use JIT build is in tests/test_no_hangs.py: the
+training path builds no op any more unless optimizer offload is on.)"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from iddpm_ds.train import checkpoint as ckpt
+from train_utils import ROOT, tiny_job, train_cmd
+
+SAVE_INTERVAL = 4
+MAX_STEPS = 48
+# (kill point, world size): start-up, mid-training, save and conversion, each several times
+SCHEDULE = [("train", 2), ("save", 2), ("universal", 1), ("train", 1), ("startup", 2),
+            ("universal", 2), ("save", 1), ("train", 2), ("universal", 1), ("save", 1),
+            ("startup", 1), ("train", 2)]
+
+
+def _start(job: Path, world: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(train_cmd(world, "--job", str(job), launcher="torchrun"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT,
+                            start_new_session=True)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def _logged_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=0)
+
+
+def _latest_step(ckpt_dir: Path) -> int:
+    tag = ckpt.find_resume_tag(ckpt_dir)[0] if ckpt_dir.is_dir() else None
+    return ckpt.step_of(tag) if tag else 0
+
+
+def _saved_world(ckpt_dir: Path) -> int | None:
+    tag = ckpt.find_resume_tag(ckpt_dir)[0] if ckpt_dir.is_dir() else None
+    return json.loads((ckpt_dir / tag / ckpt.COMPLETE).read_text())["world_size"] if tag else None
+
+
+def _partial_save(ckpt_dir: Path, since: float) -> bool:
+    """A save of this process in progress (an earlier kill's partial directory is older)."""
+    return ckpt_dir.is_dir() and any(d.is_dir() and ckpt.TAG_RE.match(d.name) and not ckpt.is_complete(d)
+                                     and d.stat().st_mtime >= since for d in ckpt_dir.iterdir())
+
+
+def _converting(ckpt_dir: Path) -> bool:
+    return ckpt_dir.is_dir() and any((d / ".universal.tmp").exists() for d in ckpt_dir.iterdir())
+
+
+def _wait_for(proc: subprocess.Popen, predicate, timeout: float = 120.0) -> bool:
+    """Poll fast (a save or a conversion of the tiny model lasts well under a second) until
+    the predicate holds; False when the process ended first."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    raise TimeoutError("the kill point was not reached")
+
+
+def _kill_point(proc: subprocess.Popen, point: str, run_dir: Path, rng: random.Random) -> None:
+    ckpt_dir = run_dir / "checkpoints"
+    since = time.time() - 1.0  # coarse file-system timestamps
+    if point == "startup":
+        time.sleep(rng.uniform(0.5, 4.0))  # imports, process groups, engine, resume
+    elif point == "train":  # past the next complete checkpoint, then a few steps on
+        saved = _latest_step(ckpt_dir)
+        _wait_for(proc, lambda: _latest_step(ckpt_dir) > saved)
+        begin = _logged_step(run_dir)
+        _wait_for(proc, lambda: _logged_step(run_dir) >= begin + rng.randint(0, 3))
+    elif point == "save":
+        _wait_for(proc, lambda: _partial_save(ckpt_dir, since))
+    elif point == "universal":
+        _wait_for(proc, lambda: _converting(ckpt_dir))
+    _kill(proc)
+
+
+def _check_latest(ckpt_dir: Path) -> str | None:
+    """`latest` names a complete checkpoint whose files load with weights_only and hold
+    finite weights."""
+    tag = ckpt.find_resume_tag(ckpt_dir)[0] if ckpt_dir.is_dir() else None
+    if tag is None:
+        return None
+    tag_dir = ckpt_dir / tag
+    assert ckpt.is_complete(tag_dir)
+    step = ckpt.step_of(tag)
+    weights = torch.load(tag_dir / ckpt.export_name_model(step), map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    ours = [p for p in tag_dir.glob("*.pt")  # DeepSpeed's own engine files are DeepSpeed's to load
+            if not p.name.startswith(("mp_rank", "zero_pp", "bf16_zero", "expp")) and "optim_states" not in p.name]
+    assert len(ours) >= 3  # exports, trainer state, per-rank state
+    for path in ours:
+        torch.load(path, map_location="cpu", weights_only=True)
+    return tag
+
+
+@pytest.mark.slow
+def test_kill_9_soak(tmp_path, digits_shards):
+    job = tiny_job(tmp_path, digits_shards, **{
+        "train.save_interval": SAVE_INTERVAL, "train.max_steps": MAX_STEPS, "train.log_interval": 1,
+        "output.keep_checkpoints": 2, "deepspeed.zero_stage": 2})
+    run_dir = tmp_path / "run"
+    rng = random.Random(1234)
+    pointed: dict[str, int] = {}
+    kills = []
+    for point, world in SCHEDULE:
+        before = _latest_step(run_dir / "checkpoints")
+        if point == "universal" and _saved_world(run_dir / "checkpoints") in (None, world):
+            point = "save"  # nothing to convert yet: this restart will not reshape
+        proc = _start(job, world)
+        _kill_point(proc, point, run_dir, rng)
+        trained = _logged_step(run_dir)
+        latest = _check_latest(run_dir / "checkpoints")
+        saved = ckpt.step_of(latest) if latest else 0
+        kills.append((point, world, before, trained, saved))
+        print("soak kill", kills[-1], flush=True)
+        assert saved >= before, f"a kill moved latest backwards: {kills}"
+        assert trained - saved <= SAVE_INTERVAL, f"a kill lost more than save_interval steps: {kills}"
+        if latest:
+            pointed[latest] = saved
+    assert {p for p, *_ in kills} == {"startup", "train", "save", "universal"}
+
+    final = _start(job, 2)
+    assert final.wait(timeout=600) == 0, f"the run did not complete after {kills}"
+    assert _logged_step(run_dir) == MAX_STEPS
+    assert _check_latest(run_dir / "checkpoints") == ckpt.tag_for(MAX_STEPS)
+    # pruning keeps 2, so the older checkpoints that latest named were checked when they were
+    # named; those still on disk load again now
+    for tag in pointed:
+        if (run_dir / "checkpoints" / tag).is_dir():
+            assert ckpt.is_complete(run_dir / "checkpoints" / tag)
+    assert len(pointed) >= 4, f"too few checkpoints were ever complete: {kills}"
