@@ -19,6 +19,11 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
+from .spec.distributed import DistributedSpec
+
+# the job's collective timeout, kept for groups made after init (they default to torch's 30 min)
+_timeout = datetime.timedelta(seconds=DistributedSpec().collective_timeout_s)
+
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
@@ -72,14 +77,17 @@ def launched_distributed() -> bool:
     return "RANK" in os.environ or "SLURM_PROCID" in os.environ
 
 
-def init(timeout_minutes: int = 30) -> None:
+def init(spec: DistributedSpec = DistributedSpec()) -> None:
     """Initialise torch.distributed (through DeepSpeed) once; single process works too.
 
     A lone process gets a one-rank gloo/nccl group on a free local port, so the rest of
-    the code never branches on "distributed or not".
+    the code never branches on "distributed or not". Every collective (and the start-up
+    rendezvous) waits at most `spec.collective_timeout_s` for the other ranks.
     """
+    global _timeout
     if torch_dist.is_available() and torch_dist.is_initialized():
         return
+    _timeout = datetime.timedelta(seconds=spec.collective_timeout_s)
     map_slurm_env()
     if not launched_distributed():
         os.environ.setdefault("RANK", "0")
@@ -91,9 +99,14 @@ def init(timeout_minutes: int = 30) -> None:
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(minutes=timeout_minutes))
+                               timeout=_timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
+
+
+def collective_timeout() -> datetime.timedelta:
+    """The job's collective timeout; pass it to every process group made after init."""
+    return _timeout
 
 
 def _free_port() -> int:

@@ -120,7 +120,7 @@ def train(job) -> int:
     from iddpm_ds.train.resume import ResumeError
     from iddpm_ds.train.trainer import Trainer
 
-    dist.init()
+    dist.init(job.distributed)
     try:
         try:
             trainer = Trainer(job)

@@ -109,6 +109,15 @@ def test_set_overrides_and_yaml_roundtrip(tmp_path):
     assert again == job
 
 
+def test_distributed_timeout_default_and_override(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job_dict(tmp_path)))
+    assert load_job(path).distributed.collective_timeout_s == 600
+    assert load_job(path, ["distributed.collective_timeout_s=20"]).distributed.collective_timeout_s == 20
+    with pytest.raises(ValidationError, match="distributed.timeout"):
+        JobSpec.model_validate(job_dict(tmp_path, distributed={"timeout": 5}))
+
+
 def test_json_schema_exports(tmp_path):
     out = tmp_path / "schema.json"
     subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--schema", str(out)], check=True)
@@ -123,6 +132,7 @@ MALFORMED = {
     "impossible combination": ({"deepspeed": {"zero_stage": 1, "offload_param": True}}, "offload_param"),
     "bad attention": ({"model": {"attention_resolutions": "12"}}, "attention resolution 12"),
     "bad respacing": ({"diffusion": {"timestep_respacing": "500"}}, "500"),
+    "zero timeout": ({"distributed": {"collective_timeout_s": 0}}, "distributed.collective_timeout_s"),
 }
 
 

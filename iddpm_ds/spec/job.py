@@ -1,8 +1,9 @@
 """JobSpec: one validated YAML file describes a whole training job.
 
 Sections: model, diffusion (reference flags), data, train, precision, deepspeed (engine
-settings only), output. Batch sizes, lr and precision live here and nowhere else; the
-DeepSpeed config is rendered from this spec by `iddpm_ds.train.ds_config`.
+settings only), distributed (timeouts), output. Batch sizes, lr and precision live here
+and nowhere else; the DeepSpeed config is rendered from this spec by
+`iddpm_ds.train.ds_config`.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from .base import Spec
 from .data import DataSpec
 from .diffusion import DiffusionSpec
+from .distributed import DistributedSpec
 from .model import ModelSpec
 from .sampler import SamplerSpec
 
@@ -154,6 +156,8 @@ class JobSpec(Spec):
     """Training precision; bf16/fp16 keep fp32 master weights (fp16 with dynamic loss scaling, GPU only)."""
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """Engine settings."""
+    distributed: DistributedSpec = DistributedSpec()
+    """Timeouts on waiting for other ranks (no silent hangs)."""
     output: OutputSpec
     """Run directory and retention."""
 
