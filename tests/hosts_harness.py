@@ -8,11 +8,13 @@ network: the private 10.x addresses exist only inside namespaces this harness ma
 no packet ever leaves them. The filesystem is shared by all hosts, as NFS or Lustre would
 be on a cluster: repository, venv, data and run dirs are at the same paths everywhere.
 
-Name resolution: `ip netns exec` bind-mounts /etc/netns/<namespace>/hosts over /etc/hosts
-for everything started in the namespace, so each host resolves every host name without an
-edit of the machine's /etc/hosts. The ssh client finds the harness key through a drop-in
-/etc/ssh/ssh_config.d/iddpm-<tag>.conf (Debian's ssh_config includes that folder) that
-matches the harness's host names only. `stop()` (also run at interpreter exit) kills
+Everything started on a host (`wrap`) enters the host's network namespace (nsenter) and
+a private mount and UTS namespace, where the host's own hosts file is bind-mounted over
+/etc/hosts and the hostname is set: each host resolves every host name without an edit of
+the machine's /etc/hosts, and /sys keeps the machine's cgroup mounts (slurmd needs them;
+`ip netns exec` would remount /sys without them). The ssh client finds the harness key
+through a drop-in /etc/ssh/ssh_config.d/iddpm<tag>.conf (Debian's ssh_config includes
+that folder) that matches the harness's host names only. `stop()` (also run at interpreter exit) kills
 every process in the namespaces, deletes them and removes every file it wrote.
 
 Needs root, iproute2, openssh-server/client and pdsh (.ci/run installs them).
@@ -36,12 +38,11 @@ IFACE = "ds0"
 """The hosts' interface name (what GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME name)."""
 SUBNET = "10.213.0"
 """Private addresses, only inside this harness's namespaces (host i is SUBNET.i)."""
-BINARIES = ("ip", "unshare", "ssh", "ssh-keygen", "pdsh", "/usr/sbin/sshd")
+BINARIES = ("ip", "nsenter", "unshare", "mount", "ssh", "ssh-keygen", "pdsh", "/usr/sbin/sshd")
 SSH_DROPIN_DIR = Path("/etc/ssh/ssh_config.d")
-NETNS_ETC = Path("/etc/netns")
 
 SSHD_CONFIG = """\
-ListenAddress {addr}
+ListenAddress 0.0.0.0
 Port 22
 HostKey {state}/ssh/host_key
 PidFile {state}/{name}/sshd.pid
@@ -150,11 +151,16 @@ class Hosts:
             _sh("ip", "-n", host.netns, "link", "set", "lo", "up")
 
     def _name_resolution(self) -> None:
-        lines = ["127.0.0.1 localhost", *(f"{h.addr} {h.name}" for h in self.hosts)]
         for host in self.hosts:
-            folder = NETNS_ETC / host.netns
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "hosts").write_text("\n".join(lines) + "\n")
+            # as Debian's installer writes it: a host's own name is 127.0.1.1, so software
+            # that binds "its hostname" (gloo without GLOO_SOCKET_IFNAME) is not reachable
+            # from the other hosts, exactly the trap a real cluster sets
+            lines = ["127.0.0.1 localhost", f"127.0.1.1 {host.name}",
+                     *(f"{h.addr} {h.name}" for h in self.hosts if h is not host)]
+            self._hosts_file(host).write_text("\n".join(lines) + "\n")
+
+    def _hosts_file(self, host: Host) -> Path:
+        return self.state / f"{host.name}.hosts"
 
     def _ssh(self) -> None:
         ssh = self.state / "ssh"
@@ -173,7 +179,7 @@ class Hosts:
         folder = self.state / host.name
         folder.mkdir()
         conf = folder / "sshd_config"
-        conf.write_text(SSHD_CONFIG.format(addr=host.addr, state=self.state, name=host.name))
+        conf.write_text(SSHD_CONFIG.format(state=self.state, name=host.name))
         log = open(folder / "sshd.log", "w")
         self.sshd[host.name] = subprocess.Popen(
             self.wrap(host, ["/usr/sbin/sshd", "-D", "-e", "-f", str(conf)]),
@@ -205,10 +211,6 @@ class Hosts:
                 pass
         for netns in reversed(self._made):
             _sh("ip", "netns", "del", netns, check=False)
-        for host in self.hosts:
-            shutil.rmtree(NETNS_ETC / host.netns, ignore_errors=True)
-        if NETNS_ETC.is_dir() and not any(NETNS_ETC.iterdir()):
-            NETNS_ETC.rmdir()
         self.ssh_dropin.unlink(missing_ok=True)
         if self._made_run_sshd:
             shutil.rmtree("/run/sshd", ignore_errors=True)
@@ -243,8 +245,10 @@ class Hosts:
 
     def wrap(self, host: Host, cmd: list[str]) -> list[str]:
         """`cmd` as run on `host`: its network namespace, /etc/hosts and hostname."""
-        return ["ip", "netns", "exec", host.netns, "unshare", "--uts", "--",
-                "sh", "-c", 'hostname "$0" && exec "$@"', host.name, *cmd]
+        script = 'mount --bind "$1" /etc/hosts && hostname "$0" && shift && exec "$@"'
+        return ["nsenter", f"--net=/run/netns/{host.netns}", "unshare", "--mount", "--uts",
+                "--propagation", "private", "--", "sh", "-c", script, host.name,
+                str(self._hosts_file(host)), *cmd]
 
     def run(self, host: Host, cmd: list[str], check: bool = True, timeout: float = 30,
             **kwargs) -> subprocess.CompletedProcess:
@@ -291,3 +295,41 @@ def hosts():
         yield made
     finally:
         made.stop()
+
+
+# ------------------------------------------------------- what the probe recorded
+PROBE = Path(__file__).resolve().parent / "probe"
+"""Put on PYTHONPATH, with IDDPM_PROBE_DIR set, to record what each rank did."""
+
+
+def id_job(tmp_path: Path, shards: list[str], samples: int, **overrides) -> Path:
+    """The tiny job on id shards (class i = sample i): labels are sample keys."""
+    from train_utils import tiny_job
+
+    return tiny_job(tmp_path, tmp_path, **{
+        "data.shards": shards, "data.eval_shards": None, "data.num_workers": 0,
+        "model.num_classes": samples, "train.log_interval": 1, **overrides})
+
+
+def probe_batches(probe: Path) -> dict[int, list[dict]]:
+    """The probe's batch records by global rank, in the order each rank took them."""
+    import json
+
+    by_rank: dict[int, list[dict]] = {}
+    for path in sorted(probe.glob("batches-*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            by_rank.setdefault(record["rank"], []).append(record)
+    return by_rank
+
+
+def assert_each_sample_once_per_epoch(by_rank: dict[int, list[dict]], samples: int, epochs: int) -> None:
+    """Within each epoch every sample is served exactly once across all ranks."""
+    world = len(by_rank)
+    per_batch = len(by_rank[0][0]["labels"])
+    per_epoch = samples // (world * per_batch)  # batches of one rank in an epoch
+    assert per_epoch * world * per_batch == samples, "choose samples divisible by the global batch"
+    for epoch in range(epochs):
+        served = [label for records in by_rank.values()
+                  for r in records[epoch * per_epoch:(epoch + 1) * per_epoch] for label in r["labels"]]
+        assert sorted(served) == list(range(samples)), f"epoch {epoch}: {sorted(served)}"

@@ -5,7 +5,7 @@ and IDDPM_PROBE_DIR in .deepspeed_env. Two records:
 
 - batches-<host>-rank<R>.jsonl: one line per training batch a rank takes, with its labels
   (the tests' shards label sample i with class i, so labels are sample keys), the global
-  rank, the launcher's local rank and the host name;
+  rank, the launcher's local rank, the host name and the environment facts ENV_FACTS;
 - resumed-<tag>.pt (rank 0): right after the Trainer is built from a checkpoint, the full
   weights, EMA weights, sampler state and Adam moments it holds (gathered on all ranks).
 
@@ -22,6 +22,7 @@ import socket
 import sys
 
 PROBE_DIR = os.environ.get("IDDPM_PROBE_DIR")
+ENV_FACTS = ("MASTER_ADDR", "WORLD_SIZE", "VIRTUAL_ENV", "GLOO_SOCKET_IFNAME", "SLURM_NODEID", "SLURM_PROCID")
 
 
 def _patch_reader(module) -> None:
@@ -31,11 +32,11 @@ def _patch_reader(module) -> None:
         rank = int(os.environ.get("RANK", "0"))
         host = socket.gethostname()
         path = os.path.join(PROBE_DIR, f"batches-{host}-rank{rank}.jsonl")
+        facts = {"rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", "-1")), "host": host,
+                 "pid": os.getpid(), **{k: os.environ.get(k) for k in ENV_FACTS}}
         with open(path, "a", buffering=1) as log:
             for x, cond in original(self):
-                log.write(json.dumps({"rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", "-1")),
-                                      "host": host, "pid": os.getpid(),
-                                      "labels": cond["y"].tolist()}) + "\n")
+                log.write(json.dumps({**facts, "labels": cond["y"].tolist()}) + "\n")
                 yield x, cond
 
     module.TrainStream._batches = _batches
