@@ -5,24 +5,43 @@ variables set by the deepspeed launcher and torchrun (RANK, WORLD_SIZE, LOCAL_RA
 MASTER_ADDR, MASTER_PORT) and, when those are absent, derives them from Slurm's
 (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST, SLURM_JOB_ID), so that
 plain `srun python launch/train.py` works without a wrapper.
+
+No silent hangs: every process group waits at most `distributed.collective_timeout_s`,
+waits on rank 0's long work at most `distributed.long_wait_timeout_s`, and `session()`
+turns a failed or timed-out collective into one error line and COLLECTIVE_FAILED_EXIT.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import time
-from typing import Any
+import traceback
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as torch_dist
 
+from .build_locks import StaleBuildLock, wait_for_builds
+from .placement import Layout, PlacementError, gpu_index, plan_layout, tasks_on_node
 from .spec.distributed import DistributedSpec
 
-# the job's collective timeout, kept for groups made after init (they default to torch's 30 min)
-_timeout = datetime.timedelta(seconds=DistributedSpec().collective_timeout_s)
+EXIT_BAD_SETUP = 2         # this machine's set-up (stale build lock, too few GPUs): one line
+COLLECTIVE_FAILED_EXIT = 3  # a collective timed out or lost a rank: one line per rank left
+
+_spec = DistributedSpec()
+_long_wait_group: Any = None   # gloo group with the long timeout, for waits on rank 0's work
+_launcher_local_rank: Optional[int] = None  # LOCAL_RANK before init points it at the device
+_device: Optional[torch.device] = None
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective timed out or lost a peer; the message is the one line to print."""
 
 
 def _env_int(name: str, default: int) -> int:
@@ -82,12 +101,13 @@ def init(spec: DistributedSpec = DistributedSpec()) -> None:
 
     A lone process gets a one-rank gloo/nccl group on a free local port, so the rest of
     the code never branches on "distributed or not". Every collective (and the start-up
-    rendezvous) waits at most `spec.collective_timeout_s` for the other ranks.
+    rendezvous) waits at most `spec.collective_timeout_s` for the other ranks. Raises
+    PlacementError (no GPU for this rank) or StaleBuildLock before any rank waits on it.
     """
-    global _timeout
+    global _spec, _long_wait_group
     if torch_dist.is_available() and torch_dist.is_initialized():
         return
-    _timeout = datetime.timedelta(seconds=spec.collective_timeout_s)
+    _spec = spec
     map_slurm_env()
     if not launched_distributed():
         os.environ.setdefault("RANK", "0")
@@ -95,18 +115,72 @@ def init(spec: DistributedSpec = DistributedSpec()) -> None:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    _place_on_device()
+    wait_for_builds(extensions_dir(), spec.long_wait_timeout_s)  # a live build is solo work too
     import deepspeed  # imported late: it is slow and prints accelerator banners
 
+    _bound_later_groups(collective_timeout())
+    _skip_shm_op()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=_timeout)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
+                               timeout=collective_timeout())
+    if world_size() > 1:  # collective: every rank makes it
+        _long_wait_group = torch_dist.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=spec.long_wait_timeout_s))
+
+
+def _place_on_device() -> None:
+    """Pick this rank's GPU once (PlacementError if it has none) and make DeepSpeed use it:
+    DeepSpeed takes LOCAL_RANK as the device index (engine, ZeRO-3 init, NCCL device_id),
+    which a per-task GPU binding (each task sees one device, index 0) contradicts."""
+    global _launcher_local_rank
+    _launcher_local_rank = local_rank()
+    index = device().index
+    if index is not None:
+        torch.cuda.set_device(index)
+        os.environ["LOCAL_RANK"] = str(index)
+
+
+def _bound_later_groups(timeout: datetime.timedelta) -> None:
+    """Groups made without a timeout (DeepSpeed's data-parallel clone of the world group,
+    for one) get torch's module default, 30 min for gloo (measured), not the job's."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if getattr(distributed_c10d, "default_pg_nccl_timeout", None) is not None:
+        distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+def _skip_shm_op() -> None:
+    """DeepSpeed JIT-builds its CPU shared-memory op at init (~1 min the first time, and a
+    stale lock if killed meanwhile), for tensor-parallel inference only: training and
+    sampling here never call it. DeepSpeed keeps one compatibility dict for edits."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":  # the only accelerator that builds it
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def extensions_dir() -> Path:
+    """Where torch builds this environment's JIT extensions (one folder per op)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if torch.version.hip is not None:
+        accelerator = "rocm" + torch.version.hip.replace(".", "")
+    elif torch.version.cuda is not None:
+        accelerator = "cu" + torch.version.cuda.replace(".", "")
+    else:
+        accelerator = "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{python}_{accelerator}"
 
 
 def collective_timeout() -> datetime.timedelta:
     """The job's collective timeout; pass it to every process group made after init."""
-    return _timeout
+    return datetime.timedelta(seconds=_spec.collective_timeout_s)
 
 
 def _free_port() -> int:
@@ -122,15 +196,50 @@ def is_initialized() -> bool:
 
 
 def rank() -> int:
-    return torch_dist.get_rank() if is_initialized() else _env_int("RANK", 0)
+    return torch_dist.get_rank() if is_initialized() else _env_int("RANK", _env_int("SLURM_PROCID", 0))
 
 
 def world_size() -> int:
-    return torch_dist.get_world_size() if is_initialized() else _env_int("WORLD_SIZE", 1)
+    if is_initialized():
+        return torch_dist.get_world_size()
+    return _env_int("WORLD_SIZE", _env_int("SLURM_NTASKS", 1))
 
 
 def local_rank() -> int:
+    """This rank's index on its node, as the launcher set it."""
+    if _launcher_local_rank is not None:
+        return _launcher_local_rank
     return _env_int("LOCAL_RANK", _env_int("SLURM_LOCALID", 0))
+
+
+def local_world_size() -> Optional[int]:
+    """Ranks on this node, where the launcher says (torchrun, deepspeed, srun)."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):  # torchrun, deepspeed launcher
+        if os.environ.get(name):
+            return int(os.environ[name])
+    per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    if "SLURM_PROCID" in os.environ and per_node:
+        return tasks_on_node(per_node, _env_int("SLURM_NODEID", 0))
+    return None
+
+
+def num_nodes() -> Optional[int]:
+    """Nodes of the job, where the launcher says."""
+    for name in ("CROSS_SIZE", "GROUP_WORLD_SIZE"):  # deepspeed launcher, torchrun
+        if os.environ.get(name):
+            return int(os.environ[name])
+    if os.environ.get("LOCAL_WORLD_SIZE"):
+        return max(1, world_size() // int(os.environ["LOCAL_WORLD_SIZE"]))
+    if "SLURM_PROCID" in os.environ:
+        for name in ("SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
+            if os.environ.get(name):
+                return int(os.environ[name])
+    return None
+
+
+def _visible_gpus() -> tuple[Optional[str], int]:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), count
 
 
 def is_main() -> bool:
@@ -138,9 +247,22 @@ def is_main() -> bool:
 
 
 def device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank())
-    return torch.device("cpu")
+    """This rank's device (see iddpm_ds.placement); PlacementError if it has no GPU of its own."""
+    global _device
+    if _device is None:
+        visible, count = _visible_gpus()
+        index = gpu_index(local_rank(), local_world_size(), visible, count)
+        _device = torch.device("cpu") if index is None else torch.device("cuda", index)
+    return _device
+
+
+def layout(world: Optional[int] = None) -> Layout:
+    """Nodes, ranks per node and each local rank's device, for --check (PlacementError too)."""
+    world = world or world_size()
+    per_node = local_world_size() if launched_distributed() else None
+    nodes = num_nodes() if launched_distributed() else None
+    visible, count = _visible_gpus()
+    return plan_layout(world, nodes, per_node, visible, count)
 
 
 def has_gpu() -> bool:
@@ -152,11 +274,94 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
+def wait_for_main(what: str) -> None:
+    """A barrier at which the others wait for rank 0's long solo work (`what`: checkpoint
+    exports, a sample grid, a checkpoint conversion): bounded by long_wait_timeout_s, not
+    by the collective timeout, which such work may legitimately exceed."""
+    if _long_wait_group is None:  # one rank, or a group made outside init()
+        barrier()
+        return
+    try:
+        torch_dist.barrier(group=_long_wait_group)
+    except RuntimeError as err:
+        if not is_group_failure(err):
+            raise
+        raise CollectiveFailure(
+            f"rank {rank()}: waiting for rank 0 to finish {what} failed: {_reason(err)}; "
+            f"if rank 0 is still working, raise distributed.long_wait_timeout_s "
+            f"(now {_spec.long_wait_timeout_s})") from err
+
+
 def shutdown() -> None:
     """Barrier then destroy the group: without it ~1 run in 10 aborts at exit (gloo)."""
     if is_initialized():
         torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(spec: DistributedSpec) -> Iterator[None]:
+    """init(spec) ... shutdown() around a program, with its distributed failures as one line:
+    a rank without a GPU or a stale build lock exits EXIT_BAD_SETUP; a collective that times
+    out or loses a rank exits COLLECTIVE_FAILED_EXIT at once (no shutdown barrier: the group
+    is broken, and waiting on it would hang again)."""
+    try:
+        init(spec)
+        yield
+        shutdown()
+    except (PlacementError, StaleBuildLock) as err:
+        if local_rank() == 0:  # every rank of the node sees the same problem
+            _error_line(str(err))
+        raise SystemExit(EXIT_BAD_SETUP) from None
+    except RuntimeError as err:
+        if not isinstance(err, CollectiveFailure) and not is_group_failure(err):
+            raise
+        _error_line(str(err) if isinstance(err, CollectiveFailure) else describe_failure(err))
+        raise SystemExit(COLLECTIVE_FAILED_EXIT) from None
+
+
+def _error_line(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def is_group_failure(err: BaseException) -> bool:
+    """True for a collective that timed out or lost a peer: torch's DistError family, and
+    the plain RuntimeError that gloo raises (its message names its gloo source file)."""
+    return isinstance(err, torch_dist.DistError) or (
+        isinstance(err, RuntimeError) and "gloo/" in str(err))
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err)
+    if re.search(r"timed? ?out", text, re.IGNORECASE):
+        return "timed out"
+    lines = [line for line in text.splitlines() if line.strip()] or [type(err).__name__]
+    return "lost its connection to another rank (" + re.sub(r"^\[[^\]]*\] ", "", lines[0])[:160] + ")"
+
+
+def describe_failure(err: BaseException) -> str:
+    """One line for a failed collective: this rank, the operation and where it was called
+    (when the traceback shows them), what happened, and the field that bounds the wait."""
+    op, where = _failed_call(err)
+    call = (op or "a collective") + (f" at {where}" if where else "")
+    if _reason(err) == "timed out":
+        return (f"rank {rank()}: {call} waited longer than distributed.collective_timeout_s="
+                f"{_spec.collective_timeout_s} s for the other ranks: another rank stopped or died "
+                f"(see its log); raise distributed.collective_timeout_s if such a wait is expected")
+    return f"rank {rank()}: {call} {_reason(err)}: that rank died or was killed (see its log)"
+
+
+def _failed_call(err: BaseException) -> tuple[Optional[str], Optional[str]]:
+    """The torch.distributed function that failed and the innermost call site in this repo."""
+    op = where = None
+    repo = Path(__file__).resolve().parents[1]
+    for frame, lineno in traceback.walk_tb(err.__traceback__):
+        path = frame.f_code.co_filename
+        if op is None and path.endswith("distributed_c10d.py"):
+            op = frame.f_code.co_name
+        if path.startswith(str(repo)) and "site-packages" not in path and path != __file__:
+            where = f"{os.path.relpath(path, repo)}:{lineno} ({frame.f_code.co_name})"
+    return op, where
 
 
 def print0(*args: Any, **kwargs: Any) -> None:

@@ -8,8 +8,9 @@
     python launch/train.py --job job.yaml --check     (validate, print, exit; trains nothing)
 
 Restarting the same command resumes from the run dir's newest complete checkpoint.
-Exit status: 0 done, 2 bad job/config/data (one message, nothing written),
-75 preempted after a checkpoint (requeue to resume).
+Exit status: 0 done, 2 bad job/config/data or machine set-up (one message, nothing
+written), 3 a collective timed out or lost a rank (one line per rank left; see
+distributed.collective_timeout_s), 75 preempted after a checkpoint (requeue to resume).
 """
 from __future__ import annotations
 
@@ -79,10 +80,12 @@ def check(job, world_size: int) -> int:
     from iddpm_ds.train.memory import model_state_bytes
 
     config = render_ds_config(job, world_size, dist.has_gpu())
+    layout = dist.layout(world_size)  # PlacementError: a local rank without a GPU
     num_params = sum(p.numel() for p in build_model(job.model).parameters())
     memory = model_state_bytes(num_params, job, world_size)
     print("# resolved job spec\n" + dump_job(job))
     print(f"# DeepSpeed config at world size {world_size}\n" + json.dumps(config, indent=2))
+    print("# layout: " + "\n#   ".join(layout.describe()))
     print(f"# parameters: {num_params:,}")
     print(f"# model-state memory per rank (ZeRO-{job.deepspeed.zero_stage}, {job.precision}, "
           f"world {world_size}; activations not included):")
@@ -103,12 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     job, error = load(args)
     if error:
         return fail(error)
+    from iddpm_ds.placement import PlacementError
     from iddpm_ds.train.ds_config import ConfigError
 
     if args.check:
         try:
             return check(job, args.world_size or dist.world_size())
-        except ConfigError as err:
+        except (ConfigError, PlacementError) as err:
             return fail(str(err))
     return train(job)
 
@@ -120,15 +124,12 @@ def train(job) -> int:
     from iddpm_ds.train.resume import ResumeError
     from iddpm_ds.train.trainer import Trainer
 
-    dist.init(job.distributed)
-    try:
+    with dist.session(job.distributed):  # a rank that stops answering ends the job, one line
         try:
             trainer = Trainer(job)
         except (ConfigError, DataError, ResumeError) as err:
             return fail(str(err))
         return trainer.run()
-    finally:
-        dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ class PreemptionWatch:
         self.received: int | None = None
         self.group = None
         if dist.world_size() > 1 and torch_dist.get_backend() != "gloo":
-            self.group = torch_dist.new_group(backend="gloo")  # collective: all ranks build it
+            self.group = torch_dist.new_group(  # collective: all ranks build it
+                backend="gloo", timeout=dist.collective_timeout())
         self._previous: dict[int, Any] = {}
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._handler)

@@ -31,7 +31,7 @@ def write_sample_grid(trainer: "Trainer", rate: float) -> None:
         save_png(grid, path, scale=2)
         trainer.writer.image(f"samples/ema_{rate}", grid, trainer.step)
         dist.log0("sample_grid", step=trainer.step, path=str(path))
-    dist.barrier()
+    dist.wait_for_main("drawing the sample grid")
 
 
 @torch.no_grad()

@@ -32,11 +32,11 @@ def save_checkpoint(trainer: "Trainer") -> None:
     ckpt.atomic_torch_save({"data": trainer.data.state_dict(), "rng": ckpt.rng_state(),
                             "sampler_rng": trainer.sampler.rng_state()},
                            tag_dir / f"rank{dist.rank():05d}.pt")
-    dist.barrier()  # every rank's files are on disk before the checkpoint counts
+    dist.wait_for_main("writing the checkpoint")  # every rank's files are on disk before it counts
     if dist.is_main():
         meta = {"step": step, "world_size": dist.world_size(), "time": time.time()}
         ckpt.mark_complete(trainer.ckpt_dir, tag, meta, trainer.job.output.keep_checkpoints)
-    dist.barrier()
+    dist.wait_for_main("pruning old checkpoints")
     dist.log0("checkpoint_saved", step=step, tag=tag, seconds=round(time.perf_counter() - start, 2))
 
 

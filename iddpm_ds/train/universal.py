@@ -3,7 +3,7 @@
 ZeRO shards optimizer state (and under stage 3 the weights) by data-parallel rank, so a
 checkpoint written by N ranks cannot be loaded by M != N ranks as is. The first restart
 at a new world size converts it once with `deepspeed.checkpoint.ds_to_universal` (rank 0
-converts, the others wait at a barrier), into `<tag>/universal/`, then loads it with
+converts, the others wait for it up to distributed.long_wait_timeout_s), into `<tag>/universal/`, then loads it with
 DeepSpeed's `load_universal` switched on for that one load. Later saves are ordinary
 checkpoints at the new world size. EMA, sampler history, step and data position are
 ours and world-size independent already (full tensors / global state).
@@ -57,7 +57,7 @@ def load_at_new_world_size(trainer: "Trainer", tag: str, state: dict[str, Any]) 
     seconds = 0.0
     if dist.is_main():
         seconds = convert_to_universal(tag_dir)
-    dist.barrier()
+    dist.wait_for_main(f"converting {tag_dir} to a universal checkpoint")
     engine = trainer.engine
     engine._config.load_universal_checkpoint = True  # for this one load only
     try:

@@ -1,0 +1,120 @@
+"""Stale locks in the torch extensions cache: found and reported instead of waited on forever.
+
+DeepSpeed JIT-builds its C++ ops on first use (cpu_adam for optimizer offload, fused ops
+on GPUs) through torch.utils.cpp_extension, which guards each op's build folder with an
+empty `lock` file made by O_CREAT|O_EXCL and held open by the builder until it removes it.
+A builder killed mid-build (kill -9, a job killed at its time limit, Ctrl-C during the
+link) leaves the file behind, and every later process waits for it to vanish: forever,
+silently, before training starts. torch records no owner in the file, so staleness is
+judged here from who holds it open: nobody on this host, twice in a row, on a local file
+system (on a network file system the builder may be another node, so there the file must
+also be older than any build takes).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+# a shared home's builder may be another node: only a lock older than any build is stale there
+NETWORK_STALE_AGE_S = 900.0
+NETWORK_FS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "beegfs", "ceph",
+              "glusterfs", "fuse", "9p", "afs", "pvfs2", "orangefs", "wekafs")
+
+
+class StaleBuildLock(RuntimeError):
+    """A build lock nobody holds (or one held past the wait); the message is one line."""
+
+
+def build_locks(root: Path) -> list[Path]:
+    """The `lock` files of the op build folders under `root` (TORCH_EXTENSIONS_DIR layout)."""
+    return sorted(root.glob("*/lock")) if root.is_dir() else []
+
+
+def holders(lock: Path) -> Optional[list[int]]:
+    """PIDs on this host that hold `lock` open; None where /proc cannot tell."""
+    target = os.path.realpath(lock)
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return None
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:  # gone meanwhile, or another user's process
+            continue
+        if any(_link(fd) == target for fd in fds):
+            found.append(int(entry.name))
+    return found
+
+
+def _link(fd: Path) -> Optional[str]:
+    try:
+        return os.readlink(fd)
+    except OSError:  # closed meanwhile (the listing's own descriptor, for one)
+        return None
+
+
+def on_network_fs(path: Path) -> bool:
+    """True when `path` lies on a network file system (the mount with the longest prefix)."""
+    real, best, fstype = os.path.realpath(path), "", ""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return True  # cannot tell: assume the cautious case
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ")
+        if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, fstype = mount, parts[2]
+    return fstype.startswith(NETWORK_FS)
+
+
+def _identity(lock: Path) -> Optional[tuple[int, int]]:
+    try:
+        stat = lock.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def is_stale(lock: Path, recheck_s: float = 1.0) -> bool:
+    """Nobody holds the lock, seen twice `recheck_s` apart on the same file (a builder closes
+    its descriptor a moment before it removes the file), and on a network file system the
+    file is older than any build."""
+    first = _identity(lock)
+    if first is None:
+        return False
+    held = holders(lock)
+    if held:
+        return False
+    if (held is None or on_network_fs(lock)) and time.time() - first[1] / 1e9 < NETWORK_STALE_AGE_S:
+        return False
+    time.sleep(recheck_s)
+    return _identity(lock) == first and not holders(lock)
+
+
+def wait_for_builds(root: Path, timeout_s: float, poll_s: float = 1.0) -> None:
+    """Return once no build under `root` is in progress; raise StaleBuildLock for a lock that
+    nobody holds, or one still held after `timeout_s` (a build that never ends)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        locks = build_locks(root)
+        if not locks:
+            return
+        for lock in locks:
+            if is_stale(lock):
+                raise StaleBuildLock(
+                    f"stale build lock {lock}: a process killed while building DeepSpeed's "
+                    f"{lock.parent.name} op left it, and every run would wait for it forever; "
+                    f"no process holds it: remove it (rm {lock}) and start again")
+        if time.monotonic() > deadline:
+            held = ", ".join(f"{lock} (pid {holders(lock) or '?'})" for lock in locks)
+            raise StaleBuildLock(f"DeepSpeed op build still running after {timeout_s:.0f} s: {held}; "
+                                 f"if that process hangs, end it and remove the lock file")
+        time.sleep(poll_s)
