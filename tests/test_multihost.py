@@ -225,13 +225,18 @@ def saved_state(tag_dir: Path, step: int, rates: tuple[float, ...]) -> dict:
     load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
     model = load(tag_dir / f"model{step:06d}.pt")
     state = {"model": model, "ema": {r: load(tag_dir / f"ema_{r}_{step:06d}.pt") for r in rates},
-             "sampler": load(tag_dir / "trainer_state.pt")["sampler"]}
+             "sampler": _sampler_state(load(tag_dir / "trainer_state.pt"))}
     for moment in ("exp_avg", "exp_avg_sq"):
         state[moment] = {}
         for name in model:
             value = torch.load(tag_dir / "universal" / "zero" / name / f"{moment}.pt", weights_only=False)
             state[moment][name] = value["param"] if isinstance(value, dict) else value
     return state
+
+
+def _sampler_state(trainer_state: dict) -> dict:
+    """The timestep sampler's saved state (its key before and after the train/ refactor)."""
+    return trainer_state["timestep_sampler" if "timestep_sampler" in trainer_state else "sampler"]
 
 
 def assert_equal(a, b, what: str) -> None:
@@ -269,3 +274,67 @@ def test_preemption_signal_on_the_second_host_stops_every_rank_at_one_step(hosts
     assert code == 0, out[-6000:]
     assert [r["step"] for r in events(out, "resumed")] == [stopped]
     assert run.steps_logged() == list(range(1, stopped + 3))
+
+
+def failure_run(hosts: Hosts, tmp_path: Path, shards: list[str], timeout_s: int) -> tuple[Run, subprocess.Popen]:
+    """A 2 x 2 run saving every 2 steps, with the job's collective timeout `timeout_s`,
+    once it has a complete checkpoint (step 3 logged)."""
+    run = Run(hosts, tmp_path, shards, **{"train.max_steps": RESTART_STEPS, "train.save_interval": 2,
+                                          "distributed.collective_timeout_s": timeout_s})
+    proc = run.launch({0: 2, 1: 2})
+    run.wait_for_step(proc, 3)
+    return run, proc
+
+
+RESTART_STEPS = 40  # far enough that the failure lands mid-run; the restart trains to it
+
+
+def check_restart_resumes(run: Run) -> None:
+    """The same command again: it resumes from the newest complete checkpoint, finishes."""
+    latest = run.latest()
+    assert (run.run_dir / "checkpoints" / latest / "complete.json").is_file()
+    code, out, wall = run.finish(run.launch({0: 2, 1: 2}), timeout=400)
+    print(f"restart after the failure: {wall:.1f} s")
+    assert code == 0, out[-6000:]
+    assert [r["tag"] for r in events(out, "resumed")] == [latest]
+    assert events(out, "train_done")[0]["step"] == RESTART_STEPS
+    assert run.latest() == f"step{RESTART_STEPS:07d}"
+
+
+def test_a_host_that_dies_ends_the_run_and_the_same_command_resumes(hosts, tmp_path, id_data):
+    run, proc = failure_run(hosts, tmp_path, id_data, timeout_s=600)  # death needs no timeout
+    victims = ranks_on(hosts, 1)
+    assert len(victims) == 2
+    for rank in victims:  # the host is gone: its ranks die without a word, sockets close
+        rank.kill()
+    killed = time.monotonic()
+    code, out, _ = run.finish(proc, timeout=120)  # far below the 600 s timeout: no hang
+    print(f"host 2 killed: launcher exited {time.monotonic() - killed:.1f} s later with {code}")
+    assert code not in (0, PREEMPTED_EXIT), out[-6000:]
+    assert not ranks_on(hosts, 0) and not ranks_on(hosts, 1)
+    survivors = [line for line in out.splitlines() if "that rank died or was killed" in line]
+    assert {line.split("rank ", 1)[1].split(":")[0] for line in survivors} >= {"0", "1"}, out[-6000:]
+    check_restart_resumes(run)
+
+
+def test_a_network_partition_ends_the_run_within_the_collective_timeout(hosts, tmp_path, id_data):
+    timeout_s = 20
+    run, proc = failure_run(hosts, tmp_path, id_data, timeout_s=timeout_s)
+    hosts.link(hosts.hosts[1], up=False)  # no socket closes: only the timeout can end this
+    cut = time.monotonic()
+    try:
+        # bounded: the timeout, plus the launchers' own exit; not torch's fixed 30 minutes
+        code, out, _ = run.finish(proc, timeout=timeout_s + 120)
+        print(f"partition: launcher exited {time.monotonic() - cut:.1f} s after the cut with {code}")
+        assert code not in (0, PREEMPTED_EXIT), out[-6000:]
+        timed_out = [line for line in out.splitlines()
+                     if f"waited longer than distributed.collective_timeout_s={timeout_s} s" in line]
+        assert {line.split("rank ", 1)[1].split(":")[0] for line in timed_out} >= {"0", "1"}, out[-6000:]
+        # the cut-off host's ranks give up on their own as well
+        deadline = time.monotonic() + timeout_s + 60
+        while ranks_on(hosts, 1) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not ranks_on(hosts, 1), "ranks behind the partition still running"
+    finally:
+        hosts.link(hosts.hosts[1], up=True)
+    check_restart_resumes(run)

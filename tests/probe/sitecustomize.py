@@ -60,12 +60,14 @@ def _save_resumed(trainer) -> None:
     from iddpm_ds import dist
 
     master = trainer.master
+    # the timestep sampler's attribute, before and after the train/ registry refactor
+    sampler = trainer.timestep_sampler if hasattr(trainer, "timestep_sampler") else trainer.sampler
     state = {  # every call below is a collective under ZeRO-3: all ranks run them
         "step": trainer.step,
         "world_size": dist.world_size(),
         "model": master.full_state_dict(),
         "ema": trainer.ema.full_state_dicts(),
-        "sampler": trainer.sampler.state_dict(),
+        "sampler": sampler.state_dict(),
         "exp_avg": {n: safe_get_full_optimizer_state(p, "exp_avg").cpu()
                     for n, p in zip(master.names, master.params)},
         "exp_avg_sq": {n: safe_get_full_optimizer_state(p, "exp_avg_sq").cpu()
