@@ -320,12 +320,14 @@ def id_job(tmp_path: Path, shards: list[str], samples: int, **overrides) -> Path
         "model.num_classes": samples, "train.log_interval": 1, **overrides})
 
 
-def probe_batches(probe: Path) -> dict[int, list[dict]]:
-    """The probe's batch records by global rank, in the order each rank took them."""
+def probe_batches(probe: Path, host: str = "*") -> dict[int, list[dict]]:
+    """The probe's batch records (of ranks on `host`) by global rank, in the order each
+    rank took them; a rank number that ran on several hosts (relaunches) has its records
+    in host name order."""
     import json
 
     by_rank: dict[int, list[dict]] = {}
-    for path in sorted(probe.glob("batches-*.jsonl")):
+    for path in sorted(probe.glob(f"batches-{host}-rank*.jsonl")):
         for line in path.read_text().splitlines():
             record = json.loads(line)
             by_rank.setdefault(record["rank"], []).append(record)

@@ -72,7 +72,8 @@ class Run:
         (work / ".deepspeed_env").write_text("\n".join(env_lines) + "\n")
         self.outputs: list[str] = []
 
-    def launch(self, slots: dict[int, int], *train_args: str, master_addr: str | None = None) -> subprocess.Popen:
+    def launch(self, slots: dict[int, int], *train_args: str, master_addr: str | None = None,
+               probe_state: bool = False) -> subprocess.Popen:
         """The README's command, `deepspeed --hostfile hosts launch/train.py --job`
         (+ --venv_script), with `slots` {host index: ranks}, run on the hostfile's first
         host. Without master_addr DeepSpeed asks that host for `hostname -I`. (A one-host
@@ -85,8 +86,11 @@ class Run:
         cmd += [str(TRAIN), "--job", str(self.job), *train_args]
         env = {k: v for k, v in os.environ.items()
                if k not in LAUNCHER_VARS and not k.startswith(("SLURM_", "PYTHON"))}
+        # the shell on the launch host: .deepspeed_env reaches the ranks of pdsh launches
+        # only; a one-host launch is local and passes this environment on as it is
         env.update(PATH=f"{VENV / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}", VIRTUAL_ENV=str(VENV),
-                   PYTHONPATH=str(PROBE), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+                   PYTHONPATH=str(PROBE), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+                   IDDPM_PROBE_DIR=str(self.probe), IDDPM_PROBE_STATE="1" if probe_state else "0")
         log = open(self.work / f"launch{len(self.outputs)}.out", "w+")
         self.outputs.append(log.name)
         proc = self.hosts.popen(self.hosts.hosts[next(iter(slots))], cmd, cwd=self.work, env=env, stdout=log,
@@ -202,7 +206,8 @@ def test_two_hosts_then_resume_on_one_host_of_three_ranks(hosts, tmp_path, id_da
 
     # the same run resumed on one (other) host with 3 ranks
     more = steps + 2
-    code, out, wall = run.finish(run.launch({2: 3}, "--set", f"train.max_steps={more}"), timeout=500)
+    code, out, wall = run.finish(run.launch({2: 3}, "--set", f"train.max_steps={more}", probe_state=True),
+                                 timeout=500)
     print(f"resume on 1 host x 3 ranks, {more - steps} steps, ZeRO-{stage} {precision}: {wall:.1f} s")
     assert code == 0, out[-6000:]
     resumed = events(out, "resumed")
@@ -213,7 +218,8 @@ def test_two_hosts_then_resume_on_one_host_of_three_ranks(hosts, tmp_path, id_da
     assert got["step"] == steps and got["world_size"] == 3
     for key in ("model", "ema", "sampler", "exp_avg", "exp_avg_sq"):
         assert_equal(got[key], saved[key], key)
-    assert {r["host"] for recs in run.batches().values() for r in recs[-1:]} == {hosts.hosts[2].name}
+    on_third = probe_batches(run.probe, host=hosts.hosts[2].name)
+    assert {r: len(recs) for r, recs in on_third.items()} == {0: more - steps, 1: more - steps, 2: more - steps}
     assert run.steps_logged() == list(range(1, more + 1))
     assert run.latest() == f"step{more:07d}"
     check_checkpoint(run, f"step{more:07d}", 3)
