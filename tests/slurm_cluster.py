@@ -1,4 +1,5 @@
-"""A real one-node Slurm cluster on localhost for tests (Debian slurm-wlm 22.05 + munge).
+"""Real Slurm clusters for tests (Debian slurm-wlm 22.05 + munge): one node on localhost
+(`slurm_cluster`), or two nodes in separate networks (`slurm_two_nodes`).
 
 Everything lives in a private temporary directory: its own munged (own socket, the
 system key), slurmctld and slurmd started in the foreground as children of the test
@@ -8,6 +9,13 @@ Nothing under /etc is written and a Slurm or munge already running on the machin
 left alone. Needs root (slurmd launches jobs); skipped only when the Slurm binaries are
 absent -- under CI=true only when .ci/run reports that apt itself failed
 (IDDPM_SLURM_UNAVAILABLE); otherwise a missing Slurm there is an installation failure.
+
+Two nodes: the hosts of tests/hosts_harness.py (network namespaces with their own
+addresses and hostnames; node names resolve through each host's /etc/netns hosts file, so
+the first node of SLURM_JOB_NODELIST is a usable MASTER_ADDR). slurmctld runs on a third
+host, which is also where sbatch/squeue/scontrol run (the login node); munged runs on this
+machine, its socket path reaching every namespace. Each slurmd has its own spool, pid and
+log file (`%n`), as Debian's slurmd supports several nodes on one machine.
 
 Settings from shared/notes/cluster_on_one_machine.md: cred_expire=10 and sched_interval=2
 make a requeued job start after ~11 s instead of ~3 minutes; jobs are polled with
@@ -24,8 +32,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hosts_harness import Host, Hosts
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "sinfo", "scancel")
 NODE = "localhost"
@@ -48,7 +60,7 @@ def _which(name: str) -> str:
 
 SLURM_CONF = """\
 ClusterName=iddpmtest
-SlurmctldHost={node}(127.0.0.1)
+SlurmctldHost={ctld_host}({ctld_addr})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -71,20 +83,32 @@ MinJobAge=600
 InactiveLimit=0
 SchedulerParameters=sched_interval=2,bf_interval=2,batch_sched_delay=0,sched_min_interval=0
 StateSaveLocation={state}/ctld
-SlurmdSpoolDir={state}/spool
+SlurmdSpoolDir={state}/spool{per_node}
 SlurmctldPidFile={state}/run/slurmctld.pid
-SlurmdPidFile={state}/run/slurmd.pid
+SlurmdPidFile={state}/run/slurmd{per_node}.pid
 SlurmctldLogFile={state}/log/slurmctld.log
-SlurmdLogFile={state}/log/slurmd.log
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+SlurmdLogFile={state}/log/slurmd{per_node}.log
+{nodes}
+PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 """
+NODE_LINE = "NodeName={name} NodeAddr={addr} CPUs={cpus} State=UNKNOWN"
 
 
 class SlurmCluster:
     """Start/stop the daemons; `env` is the environment every client command must use."""
 
-    def __init__(self) -> None:
+    def __init__(self, hosts: "Hosts | None" = None) -> None:
+        """One node (`localhost`) in this machine's network, or, given hosts (see
+        tests/hosts_harness.py), a controller on the last host and one node (slurmd) on
+        each of the others, each in its host's network namespace; client commands then run
+        on the controller's host, the cluster's login node."""
+        self.hosts = hosts
+        if hosts is None:
+            self.nodes = [(NODE, "127.0.0.1")]
+            self.head = None
+        else:
+            self.nodes = [(h.name, h.addr) for h in hosts.hosts[:-1]]
+            self.head = hosts.hosts[-1]
         # short path: slurmstepd puts unix sockets in the spool dir (108-byte limit)
         self.state = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
         self.state.chmod(0o755)  # munged insists every parent of its socket is traversable
@@ -97,16 +121,33 @@ class SlurmCluster:
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> "SlurmCluster":
-        for sub in ("ctld", "spool", "run", "log"):
+        for sub in ("ctld", "spool", "run", "log", *(f"spool-{n}" for n, _ in self.nodes)):
             (self.state / sub).mkdir()
         self._start_munged()
-        self.conf.write_text(SLURM_CONF.format(
-            node=NODE, cpus=CPUS, state=self.state, munge_socket=self.munge_socket,
-            ctld_port=_free_port(), slurmd_port=_free_port(), true=shutil.which("true") or "/bin/true"))
-        self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c", "-i", "-f", str(self.conf)])
-        self._spawn("slurmd", [_which("slurmd"), "-D", "-N", NODE, "-f", str(self.conf)])
+        self.conf.write_text(self._conf())
+        self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c", "-i", "-f", str(self.conf)], self.head)
+        for number, (name, _addr) in enumerate(self.nodes):
+            host = None if self.hosts is None else self.hosts.hosts[number]
+            label = "slurmd" if self.hosts is None else f"slurmd-{name}"
+            self._spawn(label, [_which("slurmd"), "-D", "-N", name, "-f", str(self.conf)], host)
         self._wait_idle(timeout=60)
         return self
+
+    def _conf(self) -> str:
+        if self.head is None:  # free ports: a Slurm of the machine's own may be running
+            ctld, ports, per_node = (NODE, "127.0.0.1"), (_free_port(), _free_port()), ""
+        else:  # own network namespaces: Slurm's default ports are free there
+            ctld, ports, per_node = (self.head.name, self.head.addr), (6817, 6818), "-%n"
+        nodes = "\n".join(NODE_LINE.format(name=n, addr=a, cpus=CPUS) for n, a in self.nodes)
+        return SLURM_CONF.format(
+            ctld_host=ctld[0], ctld_addr=ctld[1], ctld_port=ports[0], slurmd_port=ports[1],
+            per_node=per_node, nodes=nodes, node_names=",".join(n for n, _ in self.nodes),
+            state=self.state, munge_socket=self.munge_socket, true=shutil.which("true") or "/bin/true")
+
+    def _wrap(self, cmd: list[str], host: "Host | None" = None) -> list[str]:
+        """A command as run on `host` (default: the login node; this machine for one node)."""
+        host = host or self.head
+        return cmd if host is None else self.hosts.wrap(host, cmd)
 
     def _start_munged(self) -> None:
         munge_dir = self.munge_socket.parent
@@ -130,8 +171,11 @@ class SlurmCluster:
         self._spawn("munged", cmd)
         self._wait(lambda: self.munge_socket.exists(), 20, "munged socket")
 
-    def _spawn(self, name: str, cmd: list[str]) -> None:
+    def _spawn(self, name: str, cmd: list[str], host: "Host | None" = None) -> None:
+        """Start a daemon (munged: on this machine; its socket serves every namespace)."""
         log = open(self.state / "log" / f"{name}.out", "w")
+        if host is not None:
+            cmd = self.hosts.wrap(host, cmd)
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                             start_new_session=True)
         log.close()
@@ -139,7 +183,7 @@ class SlurmCluster:
     def _wait_idle(self, timeout: float) -> None:
         def idle() -> bool:
             out = self.run(["sinfo", "-h", "-N", "-o", "%t"], check=False).stdout.split()
-            return out == ["idle"]
+            return out == ["idle"] * len(self.nodes)
         self._wait(idle, timeout, "node idle")
 
     def _wait(self, predicate, timeout: float, what: str) -> None:
@@ -162,7 +206,7 @@ class SlurmCluster:
                 while time.monotonic() < deadline and self.run(["squeue", "-h", "-o", "%A"],
                                                                 check=False).stdout.strip():
                     time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in sorted(self.procs, key=lambda n: ("slurmd", "slurmctld", "munged").index(n.split("-")[0])):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
@@ -176,14 +220,14 @@ class SlurmCluster:
 
     # ------------------------------------------------------------------ clients
     def run(self, cmd: list[str], check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(self._wrap(cmd), env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise RuntimeError(f"{cmd} failed ({proc.returncode}): {proc.stdout}{proc.stderr}")
         return proc
 
     def sbatch(self, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
         """Submit (extra `env` on top of the cluster's); returns the job id (an array's id)."""
-        proc = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})},
+        proc = subprocess.run(self._wrap(["sbatch", "--parsable", *args]), env={**self.env, **(env or {})},
                               capture_output=True, text=True, timeout=30, cwd=cwd)
         if proc.returncode != 0:
             raise RuntimeError(f"sbatch {args} failed: {proc.stderr}")
@@ -235,9 +279,8 @@ def _has_user(name: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """A started one-node cluster (node `localhost`, 2 CPUs, partition `debug`)."""
+def require_slurm() -> None:
+    """Skip when Slurm is absent (under CI: fail, unless .ci/run says apt could not work)."""
     missing = missing_binaries()
     if missing:
         # .ci/run sets the reason only when apt itself failed; an apt that worked must
@@ -250,9 +293,37 @@ def slurm_cluster():
         if os.environ.get("CI"):
             pytest.fail("the Slurm test cluster needs root (slurmd launches jobs)")
         pytest.skip("the Slurm test cluster needs root (slurmd launches jobs)")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A started one-node cluster (node `localhost`, 2 CPUs, partition `debug`)."""
+    require_slurm()
     cluster = SlurmCluster()
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes():
+    """A started two-node cluster on hosts of tests/hosts_harness.py: nodes <prefix>-1 and
+    <prefix>-2 (2 CPUs each, partition `debug`), each slurmd in its own network namespace
+    with its own address; slurmctld and the client commands on a third host."""
+    from hosts_harness import Hosts, require_machine
+
+    require_slurm()
+    require_machine()
+    hosts = Hosts(3)
+    cluster = None
+    try:
+        hosts.start()
+        cluster = SlurmCluster(hosts)
+        cluster.start()
+        yield cluster
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        hosts.stop()

@@ -4,6 +4,11 @@ Each test submits the real scripts with sbatch and trains the tiny demo job; pro
 read from the run dir's metrics.jsonl and the jobs' output files (every start, the
 trainer's JSON events). Preemption is sent exactly as Slurm delivers its --signal=B:USR1
 lead-time warning: to the batch shell (`scancel --signal=USR1 --batch`), which forwards it.
+
+The two-node tests run on `slurm_two_nodes`: each slurmd in its own network namespace
+(tests/hosts_harness.py), so ranks on different nodes talk over the hosts' network, with
+GLOO_SOCKET_IFNAME exported at submission as a user would. tests/probe records each
+rank's node, rank and batches (sample keys).
 """
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (session fixture)
+from hosts_harness import IFACE, PROBE, assert_each_sample_once_per_epoch, id_job, probe_batches
+from slurm_cluster import SlurmCluster, slurm_cluster, slurm_two_nodes  # noqa: F401  (session fixtures)
+from test_data_helpers import id_shards
 from train_utils import ROOT, metrics, tiny_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -187,3 +194,77 @@ def test_preemption_during_startup_still_requeues(slurm_cluster, tmp_path, digit
     assert "requeueing job" in out.read_text()
     assert log_events(out, "train_done")[0]["step"] == total
     assert steps_logged(run_dir)[-1] == total
+
+
+# ------------------------------------------------------------------------ two nodes
+SAMPLES = 64  # 4 ranks x batch 4: 4 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def id_data(tmp_path_factory) -> list[str]:
+    return id_shards(tmp_path_factory.mktemp("ids"), [20, 27, 17], side=16)
+
+
+def two_node_submit(cluster: SlurmCluster, tmp_path: Path, job: Path) -> tuple[str, Path, Path]:
+    """`sbatch -N 2 --ntasks-per-node=2 launch/slurm/train.sbatch JOB` from the login node."""
+    probe, out = tmp_path / "probe", tmp_path / "train.out"
+    probe.mkdir()
+    env = {"GLOO_SOCKET_IFNAME": IFACE, "PYTHONPATH": str(PROBE), "IDDPM_PROBE_DIR": str(probe)}
+    job_id = cluster.sbatch("-N", "2", "--ntasks-per-node=2", "-o", str(out), str(SLURM / "train.sbatch"),
+                            str(job), cwd=tmp_path, env=env)
+    return job_id, probe, out
+
+
+def check_placement(cluster: SlurmCluster, by_rank: dict[int, list[dict]]) -> None:
+    """Ranks 0-1 on the first node, 2-3 on the second; MASTER_ADDR is the first node."""
+    (first, _), (second, _) = cluster.nodes
+    placement = {r: (recs[0]["host"], recs[0]["SLURM_NODEID"], recs[0]["local_rank"])
+                 for r, recs in by_rank.items()}
+    assert placement == {0: (first, "0", 0), 1: (first, "0", 1), 2: (second, "1", 0), 3: (second, "1", 1)}
+    assert {r["MASTER_ADDR"] for recs in by_rank.values() for r in recs} == {first}
+
+
+def test_two_nodes_train_across_both(slurm_two_nodes, tmp_path, id_data):
+    cluster, steps = slurm_two_nodes, 8
+    job = id_job(tmp_path, id_data, SAMPLES, **{"train.max_steps": steps, "train.batch_size": 4})
+    start = time.monotonic()
+    job_id, probe, out = two_node_submit(cluster, tmp_path, job)
+    cluster.wait_done(job_id, timeout=400)
+    print(f"sbatch -N 2 --ntasks-per-node=2, {steps} steps: {time.monotonic() - start:.1f} s")
+    info = cluster.job_info(job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(out)
+    assert info["NumNodes"] == "2" and info["NumTasks"] == "4"
+    by_rank = probe_batches(probe)
+    check_placement(cluster, by_rank)
+    assert_each_sample_once_per_epoch(by_rank, SAMPLES, epochs=2)
+    run_dir = tmp_path / "run"
+    assert steps_logged(run_dir) == list(range(1, steps + 1))  # rank 0 alone writes metrics
+    assert [s["world_size"] for s in log_events(out, "train_start")] == [4]
+    assert latest_tag(run_dir) == f"step{steps:07d}"
+    saved = run_dir / "checkpoints" / f"step{steps:07d}"
+    assert sorted(p.name for p in saved.glob("rank*.pt")) == [f"rank{r:05d}.pt" for r in range(4)]
+
+
+def test_two_node_job_preempted_requeues_and_resumes(slurm_two_nodes, tmp_path, id_data):
+    cluster, total = slurm_two_nodes, 60  # the signal needs a few steps to arrive
+    job = id_job(tmp_path, id_data, SAMPLES, **{"train.max_steps": total, "train.batch_size": 4})
+    run_dir = tmp_path / "run"
+    job_id, probe, out = two_node_submit(cluster, tmp_path, job)
+    wait_for_step(cluster, job_id, run_dir, 3, out, timeout=300)
+    preempted_at = time.monotonic()
+    preempt(cluster, job_id)
+    cluster.wait_done(job_id, timeout=400)
+    print(f"two nodes: preempt -> requeue -> finish at {total}: {time.monotonic() - preempted_at:.1f} s")
+
+    info = cluster.job_info(job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(out)
+    assert info["Restarts"] == "1" and info["NumNodes"] == "2", tail(out)
+    assert "exited with status 75 after SIGUSR1" in out.read_text()
+    stopped = log_events(out, "preempted")[0]["step"]
+    assert 3 <= stopped < total
+    resumed = log_events(out, "resumed")
+    assert [(r["step"], r["saved_world_size"], r["world_size"]) for r in resumed] == [(stopped, 4, 4)]
+    assert steps_logged(run_dir) == list(range(1, total + 1))
+    by_rank = probe_batches(probe)  # both starts: every rank took one batch per step, on both nodes
+    check_placement(cluster, by_rank)
+    assert {r: len(recs) for r, recs in by_rank.items()} == {r: total for r in range(4)}

@@ -36,7 +36,7 @@ def tiny_job(tmp_path: Path, shards_dir: Path, **overrides) -> Path:
             job[dotted] = value
             continue
         section, key = dotted.split(".", 1)
-        job[section][key] = value
+        job.setdefault(section, {})[key] = value  # e.g. distributed.*, absent by default
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
