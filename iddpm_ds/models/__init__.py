@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from ..spec.model import ModelSpec
-from .unet import SuperResModel, UNetModel
+from .unet import SuperResModel, UNetModel, set_kernels
 
-__all__ = ["UNetModel", "SuperResModel", "build_model"]
+__all__ = ["UNetModel", "SuperResModel", "build_model", "set_kernels"]
 
 
 def build_model(spec: ModelSpec) -> UNetModel:

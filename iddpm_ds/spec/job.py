@@ -45,6 +45,22 @@ class TrainSpec(Spec):
     """Stop after this many optimizer steps (default: lr_anneal_steps, else run until stopped)."""
     seed: int = 0
     """Seed for model init (same on all ranks) and, offset by rank, for noise, t and data order."""
+    compile: bool = False
+    """torch.compile the model through DeepSpeed's engine (`engine.compile()`, inductor
+    backend): forward and backward run as generated fused kernels. The first steps are slow
+    while it compiles (minutes for large models); weights, checkpoints and numerics
+    (up to kernel rounding) are unchanged."""
+    channels_last: bool = False
+    """Feed the model channels_last (NHWC) activations and keep conv weights that way: the
+    layout GPU tensor cores and CPU oneDNN convolutions run fastest on. Same results."""
+    adamw_kernel: Literal["fused", "foreach", "loop"] = "fused"
+    """torch AdamW implementation: "fused" (one kernel for all tensors), "foreach" (batched
+    ops) or "loop" (one tensor at a time). Same update; speed only. Not with
+    deepspeed.offload_optimizer, which runs DeepSpeed's CPU Adam."""
+    attention_kernel: Literal["sdpa", "math"] = "sdpa"
+    """Self-attention kernel: "sdpa" (torch's scaled_dot_product_attention, flash /
+    memory-efficient kernels where the device has them) or "math" (the reference's explicit
+    q k^T, float32 softmax, times v). Same result up to rounding."""
     schedule_sampler: SamplerSpec = SamplerSpec()
     """Timestep sampler: "uniform" or "loss-second-moment" (or a mapping with its options)."""
     log_interval: int = Field(10, ge=1)
@@ -150,8 +166,11 @@ class JobSpec(Spec):
     """Training (and held-out) WebDataset shards."""
     train: TrainSpec
     """Optimisation, batch sizes, intervals."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Training precision; bf16/fp16 keep fp32 master weights (fp16 with dynamic loss scaling, GPU only)."""
+    precision: Literal["fp32", "bf16", "bf16-mixed", "fp16"] = "fp32"
+    """Training precision. bf16/fp16 cast the whole model to 16 bit and keep fp32 master
+    weights (fp16 with dynamic loss scaling, GPU only). bf16-mixed is the reference's
+    scheme: fp32 weights, the UNet torso's convolutions and attention autocast to bf16, the
+    timestep/label embeddings, norms and output layer in fp32."""
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """Engine settings."""
     output: OutputSpec
@@ -180,6 +199,9 @@ class JobSpec(Spec):
     def _check(self) -> "JobSpec":
         if self.train.eval_interval and not self.data.eval_shards:
             raise ValueError("train.eval_interval needs data.eval_shards")
+        if self.deepspeed.offload_optimizer and "adamw_kernel" in self.train.model_fields_set:
+            raise ValueError("train.adamw_kernel does not apply with deepspeed.offload_optimizer "
+                             "(DeepSpeed's CPU Adam steps the optimizer); remove one of them")
         for field in ("sample_respacing", "eval_respacing"):
             value = getattr(self.train, field)
             try:
