@@ -19,7 +19,8 @@ checkpoint needs neither). The same --seed gives the same images on any number o
 
 Writes samples_NxHxWx3.npz (arr_0 uint8 [N, H, W, 3], arr_1 int64 labels when
 class-conditional: the reference layout) and a PNG grid of the first images next to it;
-prints one JSON line with paths and img/s. Exit status 2 on bad input (one message).
+stdout is one JSON object (paths, img/s), everything else goes to stderr. Exit status 2
+on bad input (one message).
 """
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TextIO
+
+if __package__:  # the console script: launch/ is installed as the package iddpm_ds_launch
+    from .json_stdout import json_stdout
+    from .weights_args import add_weights_args, check_weights_args, weights_choice
+else:  # python launch/sample.py (also under deepspeed/torchrun): launch/ is sys.path[0]
+    from json_stdout import json_stdout
+    from weights_args import add_weights_args, check_weights_args, weights_choice
 
 EXIT_BAD_INPUT = 2
 
@@ -34,18 +43,8 @@ EXIT_BAD_INPUT = 2
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run-dir", dest="run", type=Path,
-                        help="run directory (its checkpoints/ and job spec)")
-    source.add_argument("--checkpoint", type=Path, help="plain state-dict .pt (reference or ours)")
+    add_weights_args(parser)
     add = parser.add_argument
-    add("--step", type=int, help="with --run-dir: checkpoint step (default: latest complete)")
-    add("--weights", choices=("ema", "model"), default="ema",
-        help="with --run-dir: EMA weights (default) or the raw model weights")
-    add("--ema-rate", type=float, help="with --run-dir: EMA rate (default: the job's first)")
-    add("--job", type=Path, help="job YAML whose model/diffusion sections describe the weights")
-    add("--model-flags", nargs="+", action="extend", default=[], metavar="FLAGS",
-        help='reference flags: "--image_size 64 --learn_sigma True" or image_size=64 ...')
     add("--num-samples", type=int, default=16, help="images over all ranks (default 16)")
     add("--batch-size", type=int, default=16, help="images per forward pass per rank")
     add("--respacing", help='"250", "10,10,10", "ddim50"; default: the spec\'s (all steps)')
@@ -60,10 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--no-progress", action="store_true", help="no progress bar")
     add("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.run is None and (args.step is not None or args.ema_rate is not None):
-        parser.error("--step and --ema-rate need --run-dir")
-    if args.job and args.model_flags:
-        parser.error("give the model spec with --job or with --model-flags, not both")
+    check_weights_args(parser, args)
     return args
 
 
@@ -76,7 +72,7 @@ def fail(message: str) -> int:
 
 
 def parse_labels(text: str | None) -> tuple[int, ...] | None:
-    from iddpm_ds.sampling import SamplingError
+    from iddpm_ds.weights import SamplingError
 
     if text is None:
         return None
@@ -85,22 +81,6 @@ def parse_labels(text: str | None) -> tuple[int, ...] | None:
     except ValueError:
         raise SamplingError(f"--class-labels must be comma-separated integers, got {text!r}") \
             from None
-
-
-def load(args: argparse.Namespace, device):
-    """The model with its specs, from --run-dir or --checkpoint (+ --job / --model-flags)."""
-    from iddpm_ds import sampling
-
-    specs = (None, None)
-    if args.job:
-        specs = sampling.specs_from_job_file(args.job)
-    elif args.model_flags:
-        specs = sampling.specs_from_reference_flags(args.model_flags)
-    if args.run:
-        return sampling.load_from_run(args.run, step=args.step, weights=args.weights,
-                                      ema_rate=args.ema_rate, model_spec=specs[0],
-                                      diffusion_spec=specs[1], device=device)
-    return sampling.load_from_file(args.checkpoint, specs[0], specs[1], device=device)
 
 
 def default_out(args: argparse.Namespace, loaded, respacing: str, sampler: str) -> Path:
@@ -113,22 +93,23 @@ def default_out(args: argparse.Namespace, loaded, respacing: str, sampler: str) 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with json_stdout() as result_out:
+        from iddpm_ds import dist
+
+        dist.init()
+        try:
+            return run(args, result_out)
+        finally:
+            dist.shutdown()
+
+
+def run(args: argparse.Namespace, result_out: TextIO) -> int:
     from iddpm_ds import dist
-
-    dist.init()
-    try:
-        return run(args)
-    finally:
-        dist.shutdown()
-
-
-def run(args: argparse.Namespace) -> int:
-    from iddpm_ds import dist
-    from iddpm_ds.sampling import (SampleOptions, SamplingError, check_labels, respaced, sample,
-                                   write_samples)
+    from iddpm_ds.image_sampler import SampleOptions, check_labels, sample, write_samples
+    from iddpm_ds.weights import SamplingError, load_weights, respaced
 
     try:
-        loaded = load(args, dist.device())
+        loaded = load_weights(weights_choice(args), dist.device())
         diffusion = respaced(loaded.diffusion_spec, args.respacing)
         respacing = (args.respacing if args.respacing is not None
                      else loaded.diffusion_spec.timestep_respacing)
@@ -154,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
                           "respacing": respacing, "steps": diffusion.num_timesteps,
                           "weights": loaded.weights, "step": loaded.step, "seed": opts.seed,
                           "world_size": dist.world_size(), "seconds": round(result.seconds, 3),
-                          "img_per_s": round(result.img_per_s, 3)}), flush=True)
+                          "img_per_s": round(result.img_per_s, 3)}), file=result_out,
+              flush=True)
     return 0
 
 

@@ -9,7 +9,8 @@
 
 Restarting the same command resumes from the run dir's newest complete checkpoint.
 Exit status: 0 done, 2 bad job/config/data (one message, nothing written),
-75 preempted after a checkpoint (requeue to resume).
+3 diverged (train.max_nonfinite_steps non-finite steps in a row; one message, latest
+checkpoint finite), 75 preempted after a checkpoint (requeue to resume).
 """
 from __future__ import annotations
 
@@ -49,27 +50,15 @@ def fail(message: str) -> int:
     return EXIT_BAD_JOB
 
 
-def format_validation_error(path: Path, err) -> str:
-    lines = []
-    for item in err.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        got = item.get("input")
-        got_text = "" if isinstance(got, dict) or item["type"] == "missing" else f" (got {got!r})"
-        lines.append(f"{field}: {item['msg']}{got_text}")
-    return f"{path}: invalid job spec: " + "; ".join(lines)
-
-
 def load(args: argparse.Namespace):
-    from pydantic import ValidationError
-
+    """(job, None) or (None, one-line message naming the file and field)."""
+    from iddpm_ds.spec.errors import JobError
     from iddpm_ds.spec.job import load_job
 
     try:
         return load_job(args.job, args.sets), None
-    except ValidationError as err:
-        return None, format_validation_error(args.job, err)
-    except (OSError, ValueError) as err:  # missing file, YAML errors, bad --set
-        return None, f"{args.job}: {err}"
+    except JobError as err:  # missing file, YAML errors, bad --set, invalid fields
+        return None, str(err)
 
 
 def check(job, world_size: int) -> int:
@@ -105,13 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     from iddpm_ds.spec.job import JobSpec
 
     if args.schema:
-        if args.schema.suffix == ".md":  # the human reference, docs/job_file.md
-            from iddpm_ds.spec.markdown import job_reference_markdown
+        try:
+            if args.schema.suffix == ".md":  # the human reference, docs/job_file.md
+                from iddpm_ds.spec.markdown import job_reference_markdown
 
-            args.schema.write_text(job_reference_markdown())
-        else:
-            args.schema.write_text(json.dumps(JobSpec.model_json_schema(), indent=2))
+                args.schema.write_text(job_reference_markdown())
+            else:
+                args.schema.write_text(json.dumps(JobSpec.model_json_schema(), indent=2))
+        except OSError as err:
+            return fail(f"--schema {args.schema}: {err.strerror or err}")
         return 0
+    if args.world_size is not None and args.world_size < 1:
+        return fail(f"--world-size must be >= 1, got {args.world_size}")
     job, error = load(args)
     if error:
         return fail(error)
@@ -120,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.check:
         try:
-            return check(job, args.world_size or dist.world_size())
+            return check(job, args.world_size if args.world_size is not None else dist.world_size())
         except (ConfigError, DataError) as err:
             return fail(str(err))
     return train(job)

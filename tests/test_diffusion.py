@@ -450,6 +450,50 @@ def test_ddim_eta0_deterministic_given_noise():
     assert not torch.equal(e1, e2)
 
 
+@pytest.mark.parametrize("step,eta", [("p_sample", None), ("ddim_sample", 0.0),
+                                      ("ddim_sample", 0.7)])
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_injected_noise_is_the_global_rng_draw_it_replaces(step, eta, learn_sigma):
+    # noise_fn must be a drop-in for the reference's torch.randn_like: same draws, same step
+    d = make(100, respacing="ddim10" if eta is not None else "10", learn_sigma=learn_sigma)
+    model = TinyModel(6 if learn_sigma else 3)
+    x, t = images(3), torch.tensor([0, 4, 9])  # t = 0 adds no noise in both
+    kwargs = {} if eta is None else {"eta": eta}
+    torch.manual_seed(5)
+    expected = getattr(d, step)(model, x, t, **kwargs)["sample"]
+    torch.manual_seed(5)
+    noise = torch.randn_like(x)
+    torch.manual_seed(6)  # the global RNG must not matter any more
+    got = getattr(d, step)(model, x, t, noise_fn=lambda like: noise, **kwargs)["sample"]
+    assert torch.equal(got, expected)
+    zero = getattr(d, step)(model, x, t, noise_fn=torch.zeros_like, **kwargs)["sample"]
+    assert torch.equal(zero[0], got[0])
+    assert torch.equal(zero[1:], got[1:]) == (eta == 0.0)  # only DDIM at eta 0 ignores noise
+    with pytest.raises(ValueError, match=r"noise_fn gave shape \(1, 3, 8, 8\)"):
+        getattr(d, step)(model, x, t, noise_fn=lambda like: noise[:1], **kwargs)
+
+
+@pytest.mark.parametrize("loop,eta", [("p_sample_loop", None), ("ddim_sample_loop", 1.0)])
+def test_loops_take_every_step_noise_from_noise_fn(loop, eta):
+    d = make(100, respacing="ddim5" if eta else "5")
+    model, x_T = TinyModel(), images(2, seed=1)
+    kwargs = {} if eta is None else {"eta": eta}
+    calls = []
+
+    def noise_fn(like: torch.Tensor) -> torch.Tensor:
+        calls.append(like.shape)
+        return torch.randn(like.shape, generator=gen)
+
+    runs = []
+    for seed in (0, 1):
+        gen = torch.Generator().manual_seed(3)
+        torch.manual_seed(seed)
+        runs.append(getattr(d, loop)(model, x_T.shape, noise=x_T, noise_fn=noise_fn, **kwargs))
+    assert torch.equal(runs[0], runs[1]) and calls == [x_T.shape] * 10
+    torch.manual_seed(0)
+    assert not torch.equal(runs[0], getattr(d, loop)(model, x_T.shape, noise=x_T, **kwargs))
+
+
 def test_ddim_reverse_then_forward_round_trip():
     # With eps == 0, x_t = sqrt(abar_t) x_0 exactly: reverse and forward DDIM steps invert.
     d = make(100, respacing="ddim20")

@@ -3,7 +3,7 @@ command names a script that exists and passes that script's own argument parser,
 job-file reference is the one the spec generates."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import re
 import shlex
 from pathlib import Path
@@ -67,10 +67,8 @@ def test_paths_in_commands_exist(doc):
 
 
 def _launch_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"_doc_{name}", ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # launch/ is installed as the package iddpm_ds_launch (the console scripts' home)
+    return importlib.import_module(f"iddpm_ds_launch.{name}")
 
 
 def _script_and_args(words: list[str]) -> tuple[str, list[str]] | None:

@@ -17,9 +17,9 @@ import torch
 import yaml
 
 from iddpm_ds import DiffusionSpec, ModelSpec, build_diffusion
-from iddpm_ds.evaluation import evaluate_bpd, evaluate_shards, noise_seed
-from iddpm_ds.sampling import SamplingError, respaced
+from iddpm_ds.bpd import evaluate_bpd, evaluate_shards, noise_seed
 from iddpm_ds.spec.data import DataSpec
+from iddpm_ds.weights import SamplingError, respaced
 from mp_utils import run_ranks
 from test_sampling import TINY, make_run, tiny_model, tiny_specs
 
@@ -171,8 +171,12 @@ def test_cli_evaluate_reports_json(tmp_path: Path) -> None:
     proc = _cli("--run-dir", str(run_dir), "--num-samples", "5", "--batch-size", "2",
                 "--respacing", "4", "--weights", "model", "--out", str(tmp_path / "nll.json"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report == json.loads((tmp_path / "nll.json").read_text())
+    summary = json.loads(proc.stdout)  # the whole stdout: DeepSpeed's lines went to stderr
+    report = json.loads((tmp_path / "nll.json").read_text())
+    # the console gets the compact object; --out adds the per-step lists
+    assert summary == {k: v for k, v in report.items()
+                       if k not in ("timesteps", "terms")}
+    assert summary["bpd"] == report["bpd"] and "terms" not in summary
     assert report["num_samples"] == 5 and report["held_out_total"] == 5
     assert report["weights"] == "model" and report["step"] == 10 and report["respacing"] == "4"
     assert math.isfinite(report["bpd"]) and report["bpd"] > 0
@@ -180,7 +184,7 @@ def test_cli_evaluate_reports_json(tmp_path: Path) -> None:
     # no held-out data anywhere: exit 2, one message
     bare = make_run(tmp_path / "bare", *tiny_specs())
     proc = _cli("--run-dir", str(bare))
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and proc.stdout == ""
     assert [l for l in proc.stderr.splitlines() if l.startswith("error:")] == [
         "error: no held-out data: give --eval-shards (or a job with data.eval_shards)"]
 

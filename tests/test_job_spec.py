@@ -32,11 +32,11 @@ def job_dict(tmp_path: Path, **sections) -> dict:
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_batch_triangle_per_rank_policy(tmp_path, world):
     job = JobSpec.model_validate(job_dict(tmp_path, train={"batch_size": 12, "microbatch": 4}))
-    plan = resolve_batch(job.train, world)
-    assert (plan.per_rank, plan.micro, plan.accumulation) == (12, 4, 3)
-    assert plan.global_batch == 12 * world == plan.micro * plan.accumulation * world
+    sizes = resolve_batch(job.train, world)
+    assert (sizes.per_rank, sizes.micro, sizes.accumulation) == (12, 4, 3)
+    assert sizes.global_batch == 12 * world == sizes.micro * sizes.accumulation * world
     config = render_ds_config(job, world, has_gpu=False)
-    assert config["train_batch_size"] == plan.global_batch
+    assert config["train_batch_size"] == sizes.global_batch
     assert config["train_micro_batch_size_per_gpu"] == 4
     assert config["gradient_accumulation_steps"] == 3
 
@@ -45,8 +45,8 @@ def test_batch_triangle_per_rank_policy(tmp_path, world):
 def test_batch_triangle_global_policy(tmp_path, world, micro, per_rank, accum):
     train = {"batch_size": None, "global_batch_size": 12, "microbatch": micro}
     job = JobSpec.model_validate(job_dict(tmp_path, train=train))
-    plan = resolve_batch(job.train, world)
-    assert (plan.global_batch, plan.per_rank, plan.micro, plan.accumulation) == (12, per_rank, micro, accum)
+    sizes = resolve_batch(job.train, world)
+    assert (sizes.global_batch, sizes.per_rank, sizes.micro, sizes.accumulation) == (12, per_rank, micro, accum)
 
 
 def test_global_batch_not_divisible_by_world(tmp_path):
@@ -70,12 +70,21 @@ def test_learn_sigma_is_one_knob(tmp_path):
 
 
 def test_overrides_cannot_touch_spec_owned_keys(tmp_path):
+    # rejected when the spec is validated, before any config is rendered
     d = job_dict(tmp_path, deepspeed={"overrides": {"optimizer": {"type": "SGD"}}})
-    with pytest.raises(ConfigError, match="set train.lr / train.weight_decay instead"):
-        render_ds_config(JobSpec.model_validate(d), 1, has_gpu=False)
+    with pytest.raises(ValidationError, match="set train.lr / train.weight_decay instead"):
+        JobSpec.model_validate(d)
     d = job_dict(tmp_path, deepspeed={"overrides": {"zero_optimization": {"stage": 3}}})
-    with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
-        render_ds_config(JobSpec.model_validate(d), 1, has_gpu=False)
+    with pytest.raises(ValidationError, match="deepspeed.zero_stage"):
+        JobSpec.model_validate(d)
+
+
+def test_templates_cannot_touch_spec_owned_keys(tmp_path):
+    template = tmp_path / "mine.json"
+    template.write_text('{"gradient_clipping": 2.0}')
+    job = JobSpec.model_validate(job_dict(tmp_path, deepspeed={"template": str(template)}))
+    with pytest.raises(ConfigError, match="set train.grad_clip instead"):
+        render_ds_config(job, 1, has_gpu=False)
 
 
 def test_fp16_refused_without_gpu(tmp_path):
@@ -121,7 +130,7 @@ MALFORMED = {
     "wrong type": ({"model": {"num_channels": "many"}}, "model.num_channels"),
     "bad value": ({"train": {"batch_size": 8, "lr": -1}}, "train.lr"),
     "impossible combination": ({"deepspeed": {"zero_stage": 1, "offload_param": True}}, "offload_param"),
-    "bad attention": ({"model": {"attention_resolutions": "12"}}, "attention resolution 12"),
+    "bad attention": ({"model": {"attention_resolutions": "12"}}, "model.attention_resolutions: 12"),
     "bad respacing": ({"diffusion": {"timestep_respacing": "500"}}, "500"),
 }
 

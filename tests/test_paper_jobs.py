@@ -2,7 +2,7 @@
 reference model's exact parameter count (counted from improved-diffusion's own code)."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from pathlib import Path
 
 import pytest
@@ -36,9 +36,7 @@ def test_parameter_count_equals_the_reference(name):
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
 def test_check_prints_parameters_and_memory(name, digits_shards, capsys):
-    spec = importlib.util.spec_from_file_location("_paper_train", ROOT / "launch" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = importlib.import_module("iddpm_ds_launch.train")
     index = digits_shards / "index.json"
     status = train.main(["--job", str(PAPER / name), "--check", "--world-size", "8",
                          "--set", f"data.shards={index}#train",

@@ -1,4 +1,5 @@
-"""Resume at another world size (universal checkpoint), ZeRO 1/2/3, fp32 and bf16.
+"""Resume at another world size, ZeRO 0-3, fp32 and bf16 (ZeRO 1-3: through a universal
+checkpoint; ZeRO-0: its replicated engine state loads as is).
 
 2 real ranks train and save; the run dir is copied and resumed on 1 and on 3 real ranks.
 Right after the resume, model weights, Adam moments, EMA, sampler history and step must
@@ -31,22 +32,42 @@ def _resume_worker(rank: int, world: int, run_dir: str) -> dict | None:
         "step": trainer.step,
         "model": trainer.master.full_state_dict(),
         "ema": trainer.ema.full_state_dicts(),
-        "sampler": trainer.sampler.state_dict(),
-        "exp_avg": {n: safe_get_full_optimizer_state(p, "exp_avg").cpu()
-                    for n, p in zip(trainer.master.names, trainer.master.params)},
-        "exp_avg_sq": {n: safe_get_full_optimizer_state(p, "exp_avg_sq").cpu()
-                       for n, p in zip(trainer.master.names, trainer.master.params)},
+        "sampler": trainer.timestep_sampler.state_dict(),
+        **_moments(trainer, safe_get_full_optimizer_state),
     }
     status = trainer.run()
     return {**loaded, "status": status} if rank == 0 else None
 
 
-def _saved(run_dir):
+def _moments(trainer, safe_get_full_optimizer_state) -> dict:
+    """Full Adam moments by parameter name."""
+    master = trainer.master
+    if not master.partitioned:  # ZeRO-0: the torch optimizer's own per-parameter state
+        state = trainer.engine.basic_optimizer.state
+        return {m: {n: state[t][m].cpu() for n, t in zip(master.names, master.local())}
+                for m in ("exp_avg", "exp_avg_sq")}
+    return {m: {n: safe_get_full_optimizer_state(p, m).cpu() for n, p in zip(master.names, master.params)}
+            for m in ("exp_avg", "exp_avg_sq")}
+
+
+def _saved_zero0_moments(tag, names) -> dict:
+    """ZeRO-0: DeepSpeed's model-states file holds the torch optimizer's state dict
+    (bf16: inside its fp32-master wrapper), parameters numbered in model order."""
+    states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+    optimizer = states["optimizer"]
+    optimizer = optimizer.get("optimizer_state_dict", optimizer)
+    return {m: {n: optimizer["state"][i][m] for i, n in enumerate(names)} for m in ("exp_avg", "exp_avg_sq")}
+
+
+def _saved(run_dir, stage):
     tag = run_dir / "checkpoints" / f"step{SAVED:07d}"
     load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
     saved = {"model": load(tag / f"model{SAVED:06d}.pt"),
              "ema": {r: load(tag / f"ema_{r}_{SAVED:06d}.pt") for r in (0.9, 0.5)},
-             "sampler": load(tag / "trainer_state.pt")["sampler"]}
+             "sampler": load(tag / "trainer_state.pt")["timestep_sampler"]}
+    if stage == 0:
+        assert not (tag / "universal").exists()  # nothing to convert
+        return {**saved, **_saved_zero0_moments(tag, list(saved["model"]))}
     for moment in ("exp_avg", "exp_avg_sq"):  # full tensors DeepSpeed extracted for us
         saved[moment] = {n: _param(tag / "universal" / "zero" / n / f"{moment}.pt")
                          for n in saved["model"]}
@@ -70,7 +91,7 @@ def _equal(a: dict, b: dict, what: str) -> None:
             assert torch.equal(a[key].cpu().float().flatten(), b[key].cpu().float().flatten()), f"{what}.{key}"
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resume_on_1_and_3_ranks(tmp_path, digits_shards, stage, precision):
     job = tiny_job(tmp_path / "two", digits_shards, **{
@@ -87,7 +108,7 @@ def test_resume_on_1_and_3_ranks(tmp_path, digits_shards, stage, precision):
         (run_dir / "metrics.jsonl").unlink()
         _rewrite_run_dir(run_dir)
         got = run_ranks(_resume_worker, world, str(run_dir))[0]
-        saved = _saved(run_dir)
+        saved = _saved(run_dir, stage)
         assert got["step"] == SAVED and got["status"] == 0
         for key in ("model", "exp_avg", "exp_avg_sq"):
             _equal(got[key], saved[key], f"{key}@{world}")
@@ -101,7 +122,7 @@ def test_resume_on_1_and_3_ranks(tmp_path, digits_shards, stage, precision):
         latest = (run_dir / "checkpoints" / "latest").read_text()
         assert latest == f"step{MORE:07d}"
         state = torch.load(run_dir / "checkpoints" / latest / "trainer_state.pt", weights_only=True)
-        assert state["world_size"] == world
+        assert state["meta"]["world_size"] == world
 
 
 def _rewrite_run_dir(run_dir) -> None:

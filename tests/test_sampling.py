@@ -1,6 +1,7 @@
-"""Sampling: steps equal the diffusion's own samplers, per-image determinism (batch size,
-global RNG, 1 vs 2 real ranks), weights from run dirs and reference-format files, the npz
-layout, and the error messages for bad input (library and command line)."""
+"""The image sampler and weight loading: the loops are the diffusion's own with per-image
+noise, per-image determinism (batch size, global RNG, 1 vs 2 real ranks), weights from run
+dirs and reference-format files, the npz layout, the error messages for bad input (library
+and command line), and the command line's stdout (one JSON object, nothing else)."""
 from __future__ import annotations
 
 import json
@@ -14,10 +15,11 @@ import pytest
 import torch
 
 from iddpm_ds import DiffusionSpec, ModelSpec, build_diffusion, build_model, specs_from_flags
-from iddpm_ds.sampling import (SampleOptions, SamplingError, _Coefficients, check_labels,
-                               ddim_step, ddpm_step, load_from_file, load_from_run, rank_batches,
-                               respaced, sample, sample_batch, specs_from_job_file,
-                               specs_from_reference_flags, write_samples)
+from iddpm_ds.image_sampler import (PerImageNoise, SampleOptions, check_labels, image_seeds,
+                                    rank_batches, sample, sample_batch, write_samples)
+from iddpm_ds.weights import (SamplingError, WeightsChoice, load_from_file, load_from_run,
+                              load_weights, respaced, specs_from_job_file,
+                              specs_from_reference_flags)
 from iddpm_ds.spec.data import DataSpec
 from iddpm_ds.spec.job import JobSpec, OutputSpec, TrainSpec, dump_job
 from iddpm_ds.train import checkpoint as ckpt
@@ -66,40 +68,33 @@ def make_run(run_dir: Path, model_spec: ModelSpec, diffusion_spec: DiffusionSpec
     return run_dir
 
 
-# ------------------------------------------------------------- steps vs the diffusion's own
-@pytest.mark.parametrize("learn_sigma", [True, False])
-def test_ddpm_step_is_p_sample_with_given_noise(learn_sigma: bool) -> None:
-    model_spec, _ = tiny_specs(learn_sigma=learn_sigma)
-    diffusion = build_diffusion(DiffusionSpec(learn_sigma=learn_sigma, diffusion_steps=40,
-                                              timestep_respacing="8"))
-    model = tiny_model(model_spec)
-    x = torch.randn(3, 3, 8, 8)
-    t = torch.tensor([0, 3, 7])  # t = 0 adds no noise in both
-    with torch.no_grad():
-        torch.manual_seed(5)
-        expected = diffusion.p_sample(model, x, t)["sample"]
-        torch.manual_seed(5)
-        noise = torch.randn_like(x)
-        got = ddpm_step(diffusion, model, x, t, noise, True, {})
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    assert not torch.equal(got[1:], ddpm_step(diffusion, model, x, t, noise * 0, True, {})[1:])
-
-
-@pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_ddim_step_is_ddim_sample_with_given_noise(eta: float) -> None:
+# ------------------------------------------------------------ the diffusion's own loops
+@pytest.mark.parametrize("use_ddim,eta", [(False, 0.0), (True, 0.7)])
+def test_batch_is_the_diffusion_loop_with_per_image_noise(use_ddim: bool, eta: float) -> None:
     model_spec, diffusion_spec = tiny_specs()
-    diffusion = respaced(diffusion_spec, "ddim10")
+    diffusion = respaced(diffusion_spec, "ddim6" if use_ddim else "6")
     model = tiny_model(model_spec)
-    x = torch.randn(3, 3, 8, 8)
-    t = torch.tensor([0, 4, 9])
-    with torch.no_grad():
-        torch.manual_seed(7)
-        expected = diffusion.ddim_sample(model, x, t, eta=eta)["sample"]
-        torch.manual_seed(7)
-        noise = torch.randn_like(x)
-        got = ddim_step(diffusion, _Coefficients(diffusion, CPU), model, x, t,
-                        noise if eta else None, eta, True, {})
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
+    opts = SampleOptions(num_samples=3, batch_size=3, use_ddim=use_ddim, eta=eta, seed=4,
+                         progress=False)
+    got, _ = sample_batch(model, diffusion, model_spec, opts, range(3), CPU)
+    seeds = image_seeds(4, range(3))
+    x_T = torch.stack([torch.randn((3, 8, 8), generator=torch.Generator().manual_seed(s[1]))
+                       for s in seeds])
+    loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
+    kwargs = {"eta": eta} if use_ddim else {}
+    noise_fn = PerImageNoise([s[2] for s in seeds], CPU)
+    expected = loop(model, x_T.shape, noise=x_T, noise_fn=noise_fn, **kwargs)
+    assert torch.equal(got, expected)
+
+
+def test_per_image_noise_depends_on_the_image_not_its_batch() -> None:
+    like = torch.empty(5, 3, 8, 8)
+    seeds = [s[2] for s in image_seeds(9, range(5))]
+    whole = PerImageNoise(seeds, CPU)
+    first, second = whole(like), whole(like)                                 # two steps
+    part = PerImageNoise(seeds[2:4], CPU)
+    assert torch.equal(part(like[2:4]), first[2:4]) and torch.equal(part(like[2:4]), second[2:4])
+    assert not torch.equal(first, second) and not torch.equal(first[0], first[1])
 
 
 def test_ddim_eta0_loop_equals_ddim_sample_loop_from_the_same_x_T() -> None:
@@ -109,12 +104,10 @@ def test_ddim_eta0_loop_equals_ddim_sample_loop_from_the_same_x_T() -> None:
     opts = SampleOptions(num_samples=3, batch_size=3, use_ddim=True, seed=4, progress=False)
     got, _ = sample_batch(model, diffusion, model_spec, opts, range(3), CPU)
     # x_T of image i is the first draw of its x_T generator: rebuild it and run the reference loop
-    from iddpm_ds.sampling import image_seeds
-
     x_T = torch.stack([torch.randn((3, 8, 8), generator=torch.Generator().manual_seed(s[1]))
                        for s in image_seeds(4, range(3))])
     expected = diffusion.ddim_sample_loop(model, x_T.shape, noise=x_T, eta=0.0)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert torch.equal(got, expected)
 
 
 # ------------------------------------------------------------------------- determinism
@@ -159,9 +152,7 @@ def test_rank_batches_cover_every_image_once() -> None:
 
 
 def _sample_on_ranks(rank: int, world_size: int, run_dir: str, options: list[dict]) -> list:
-    from iddpm_ds.sampling import load_from_run, respaced, sample
-
-    loaded = load_from_run(Path(run_dir), weights="ema", ema_rate=0.999)
+    loaded = load_weights(WeightsChoice(run_dir=Path(run_dir), ema_rate=0.999))
     out = []
     for kw in options:
         respacing = kw.pop("respacing")
@@ -335,7 +326,7 @@ def test_cli_sample_writes_npz_and_grid_and_reports_speed(tmp_path: Path) -> Non
     proc = _cli("sample.py", "--run-dir", str(run_dir), "--num-samples", "5", "--batch-size", "2",
                 "--respacing", "ddim4", "--class-labels", "2,0", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(proc.stdout)  # the whole stdout: DeepSpeed's lines went to stderr
     assert report["sampler"] == "ddim" and report["steps"] == 4 and report["img_per_s"] > 0
     assert report["weights"] == "ema_0.9999" and report["step"] == 10
     with np.load(report["npz"]) as data:
@@ -344,10 +335,35 @@ def test_cli_sample_writes_npz_and_grid_and_reports_speed(tmp_path: Path) -> Non
     assert Path(report["npz"]).parent.parent == run_dir / "samples"
 
 
+def test_json_stdout_sends_everything_else_to_stderr() -> None:
+    """The CLIs' stdout contract, against writers like DeepSpeed's: a logger bound to
+    sys.stdout at import, print, C-level writes to fd 1, and child processes."""
+    code = """if True:
+        import json, logging, os, subprocess, sys
+        from json_stdout import json_stdout
+        print("before")
+        with json_stdout() as out:
+            handler = logging.StreamHandler(stream=sys.stdout)  # as deepspeed.utils.logging
+            logging.getLogger("x").addHandler(handler)
+            logging.getLogger("x").warning("a logger line")
+            print("a print")
+            os.write(1, b"an fd-1 write\\n")
+            subprocess.run([sys.executable, "-c", "print('a child process')"], check=True)
+            print(json.dumps({"ok": 1}), file=out, flush=True)
+        print("after")
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT / "launch", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == 'before\n{"ok": 1}\nafter\n'
+    for line in ("a logger line", "a print", "an fd-1 write", "a child process"):
+        assert line in proc.stderr.splitlines()
+
+
 def test_cli_sample_bad_input_exits_2_with_one_message(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", *tiny_specs(class_cond=True, num_classes=3))
     proc = _cli("sample.py", "--run-dir", str(run_dir), "--ema-rate", "0.5", "--class-labels", "1")
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and proc.stdout == ""
     assert _errors(proc) == ["error: no EMA weights at rate 0.5 in "
                              f"{run_dir}/checkpoints/step0000010; available rates: 0.999, 0.9999 "
                              "(or use the raw weights: weights 'model')"]
@@ -369,7 +385,7 @@ def test_cli_under_torchrun_matches_one_process(tmp_path: Path) -> None:
                          "--nproc_per_node", "2"])
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
-    assert json.loads(two.stdout.strip().splitlines()[-1])["world_size"] == 2
+    assert json.loads(two.stdout)["world_size"] == 2 and json.loads(one.stdout)["world_size"] == 1
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         assert a["arr_0"].shape == (5, 8, 8, 3) and np.array_equal(a["arr_0"], b["arr_0"])
         assert np.array_equal(a["arr_1"], b["arr_1"])

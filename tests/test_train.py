@@ -33,7 +33,7 @@ def _state(run_dir, step):
     tag = run_dir / "checkpoints" / f"step{step:07d}"
     load = lambda name: torch.load(tag / name, weights_only=True)  # noqa: E731
     state = {"model": load(f"model{step:06d}.pt"), "ema": load(f"ema_0.9_{step:06d}.pt"),
-             "sampler": load("trainer_state.pt")["sampler"]}
+             "sampler": load("trainer_state.pt")["timestep_sampler"]}
     # DeepSpeed's own optimizer files (pickled by DeepSpeed; loaded the way it does)
     optim = sorted(tag.glob("*optim_states.pt"))
     state["optim"] = [torch.load(p, weights_only=False, map_location="cpu")["optimizer_state_dict"]

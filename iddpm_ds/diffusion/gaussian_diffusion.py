@@ -2,7 +2,9 @@
 model parameterisations, the training losses and the ancestral / DDIM samplers.
 
 Method and argument names are the reference's (improved-diffusion), so sampling code
-written against it keeps working.
+written against it keeps working. This is the one implementation of the DDPM and DDIM
+steps: each step's noise comes from an optional noise_fn (default: the global RNG, as in
+the reference), which is how iddpm_ds.image_sampler gives every image its own noise.
 
 Precision: every coefficient is a float64 numpy array indexed by t; it is gathered at t
 from a float64 torch copy that lives on t's device (made once per device, so the
@@ -27,6 +29,10 @@ from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 Model = Callable[..., torch.Tensor]
 DenoisedFn = Optional[Callable[[torch.Tensor], torch.Tensor]]
+# A step's noise source: x [N, ...] -> standard normal noise shaped like x. None is
+# torch.randn_like (the global RNG, as the reference); the image sampler passes one that
+# draws each image's noise from that image's own generator.
+NoiseFn = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 
 class ModelMeanType(enum.Enum):
@@ -263,11 +269,13 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
         denoised_fn: DenoisedFn = None,
         model_kwargs: Optional[dict] = None,
+        noise_fn: NoiseFn = None,
     ) -> dict[str, torch.Tensor]:
-        """One step x_t -> x_{t-1}; no noise is added where t == 0. Returns "sample", "pred_xstart"."""
+        """One step x_t -> x_{t-1}; no noise is added where t == 0. Returns "sample", "pred_xstart".
+        noise_fn(x) gives the step's noise (default: torch.randn_like)."""
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
-        noise = torch.randn_like(x)
+        noise = _step_noise(noise_fn, x)  # [N, C, H, W]
         nonzero_mask = _nonzero_mask(t, x)  # [N, 1, ...]
         sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -282,12 +290,14 @@ class GaussianDiffusion:
         model_kwargs: Optional[dict] = None,
         device: Optional[torch.device] = None,
         progress: bool = False,
+        noise_fn: NoiseFn = None,
     ) -> torch.Tensor:
-        """Samples of `shape` from x_T = noise (or fresh N(0, I)) down to x_0."""
+        """Samples of `shape` from x_T = noise (or fresh N(0, I)) down to x_0; each step's
+        noise from noise_fn (default: the global RNG)."""
         final = None
         for sample in self.p_sample_loop_progressive(
                 model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                model_kwargs=model_kwargs, device=device, progress=progress):
+                model_kwargs=model_kwargs, device=device, progress=progress, noise_fn=noise_fn):
             final = sample
         return final["sample"]
 
@@ -301,11 +311,13 @@ class GaussianDiffusion:
         model_kwargs: Optional[dict] = None,
         device: Optional[torch.device] = None,
         progress: bool = False,
+        noise_fn: NoiseFn = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield p_sample's output at every step t = T-1, ..., 0."""
         yield from self._progressive(
             self.p_sample, model, shape, noise, device, progress,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs,
+            noise_fn=noise_fn)
 
     # ---------------------------------------------------------------- DDIM
     def ddim_sample(
@@ -317,8 +329,10 @@ class GaussianDiffusion:
         denoised_fn: DenoisedFn = None,
         model_kwargs: Optional[dict] = None,
         eta: float = 0.0,
+        noise_fn: NoiseFn = None,
     ) -> dict[str, torch.Tensor]:
-        """One DDIM step x_t -> x_{t-1} (Song et al. 2020, eq. 12); eta = 0 is deterministic."""
+        """One DDIM step x_t -> x_{t-1} (Song et al. 2020, eq. 12); eta = 0 is deterministic.
+        noise_fn(x) gives the step's noise (default: torch.randn_like)."""
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
         # Re-derive eps from the (possibly clipped) x_0 so the step is consistent with it.
@@ -328,7 +342,7 @@ class GaussianDiffusion:
         sigma = (
             eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
             * torch.sqrt(1 - alpha_bar / alpha_bar_prev))
-        noise = torch.randn_like(x)
+        noise = _step_noise(noise_fn, x)  # [N, C, H, W]; drawn even at eta = 0, as the reference
         mean_pred = (
             out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
             + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps)
@@ -366,12 +380,15 @@ class GaussianDiffusion:
         device: Optional[torch.device] = None,
         progress: bool = False,
         eta: float = 0.0,
+        noise_fn: NoiseFn = None,
     ) -> torch.Tensor:
-        """DDIM samples of `shape` from x_T = noise (or fresh N(0, I))."""
+        """DDIM samples of `shape` from x_T = noise (or fresh N(0, I)); each step's noise
+        (used when eta > 0) from noise_fn (default: the global RNG)."""
         final = None
         for sample in self.ddim_sample_loop_progressive(
                 model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                model_kwargs=model_kwargs, device=device, progress=progress, eta=eta):
+                model_kwargs=model_kwargs, device=device, progress=progress, eta=eta,
+                noise_fn=noise_fn):
             final = sample
         return final["sample"]
 
@@ -386,11 +403,13 @@ class GaussianDiffusion:
         device: Optional[torch.device] = None,
         progress: bool = False,
         eta: float = 0.0,
+        noise_fn: NoiseFn = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield ddim_sample's output at every step t = T-1, ..., 0."""
         yield from self._progressive(
             self.ddim_sample, model, shape, noise, device, progress,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs, eta=eta)
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs, eta=eta,
+            noise_fn=noise_fn)
 
     def _progressive(self, step: Callable[..., dict], model: Model, shape: Sequence[int],
                      noise: Optional[torch.Tensor], device: Optional[torch.device], progress: bool,
@@ -551,6 +570,16 @@ def _split_learned(model_output: torch.Tensor, x: torch.Tensor) -> tuple[torch.T
 def _nonzero_mask(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """1.0 where t != 0, else 0.0, shaped [N, 1, ...] to broadcast against x."""
     return (t != 0).to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def _step_noise(noise_fn: NoiseFn, x: torch.Tensor) -> torch.Tensor:
+    """The step's standard normal noise shaped like x: noise_fn(x), else from the global RNG."""
+    if noise_fn is None:
+        return torch.randn_like(x)
+    noise = noise_fn(x)
+    if noise.shape != x.shape:
+        raise ValueError(f"noise_fn gave shape {tuple(noise.shape)} for x of shape {tuple(x.shape)}")
+    return noise
 
 
 def _initial_noise(

@@ -32,6 +32,10 @@ times, walks every element with `.item()` and forgets its history on resume):
 - Padding, losses that a timestep receives more than `history_per_term` times in one
   update (only the newest H can survive) and non-finite losses (which would poison the
   distribution until pushed out) are all written into a spare sink row T, never read.
+- An optimizer step the trainer skips (non-finite loss or gradient norm) leaves the
+  history as it was: `begin_step` keeps a copy of history and counts (small: [T+1, H]),
+  `end_step(applied)` puts it back with a torch.where on the device flag. No collective
+  and no host sync are added.
 - Every rank must call `update_with_local_losses` on every micro-step (it is a
   collective; with gradient accumulation each micro-batch's losses are appended, as in
   the reference). The sampler is independent of the model, so of its ZeRO stage.
@@ -100,6 +104,13 @@ class ScheduleSampler(abc.ABC):
 
     def update_with_local_losses(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Report this rank's per-sample losses at timesteps t (no-op unless loss-aware)."""
+
+    def begin_step(self) -> None:
+        """An optimizer step starts: remember the history its updates may have to drop."""
+
+    def end_step(self, applied: torch.Tensor) -> None:
+        """The step ended; with `applied` (device bool scalar, the same on every rank) False
+        it was skipped, and its updates are dropped on the device, without a host sync."""
 
     @property
     def warmed_up(self) -> torch.Tensor:
@@ -189,6 +200,7 @@ class LossSecondMomentResampler(ScheduleSampler):
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._p: torch.Tensor | None = None  # [T] probabilities, recomputed after an update
         self._weight_of_t: torch.Tensor | None = None  # [T] float32 1/(T p_t)
+        self._before_step: tuple[torch.Tensor, torch.Tensor] | None = None  # see begin_step
 
     # --- reading the state -------------------------------------------------------------
     def counts(self) -> torch.Tensor:
@@ -326,6 +338,21 @@ class LossSecondMomentResampler(ScheduleSampler):
         slot = (self._total[t_sorted] + k) % H  # [M] distinct among the survivors of one t
         self._history.view(-1).index_put_((row * H + slot,), loss_sorted)
         self._total.index_add_(0, t_all, self._ones)
+
+    # --- skipped optimizer steps ------------------------------------------------------
+    def begin_step(self) -> None:
+        self._settle()
+        self._before_step = (self._history.clone(), self._total.clone())  # [T+1, H], [T+1]
+
+    def end_step(self, applied: torch.Tensor) -> None:
+        # settled now rather than at the next draw: the gather had the backward pass and
+        # the optimizer step to complete, and a dropped step must drop its last update too
+        self._settle()
+        history, total = self._before_step
+        self._history = torch.where(applied, self._history, history)
+        self._total = torch.where(applied, self._total, total)
+        self._before_step = None
+        self._p = self._weight_of_t = None
 
     # --- checkpointing ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

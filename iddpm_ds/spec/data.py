@@ -10,6 +10,7 @@ from typing import Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from .base import Spec
+from .errors import FieldError
 
 _PIPE_PREFIXES = ("pipe:", "http://", "https://", "s3://")
 
@@ -51,24 +52,27 @@ class DataSpec(Spec):
     `pipe:curl ...` / `pipe:aws s3 cp ...`). Off by default: a spec must not run commands
     unasked."""
 
-    @field_validator("shards", "eval_shards")
+    @field_validator("shards", "eval_shards", mode="before")
     @classmethod
-    def _non_empty(cls, value: Optional[ShardSource]) -> Optional[ShardSource]:
+    def _non_empty(cls, value: object) -> object:
+        # before pydantic's union check, whose two-branch message names no usable form
         if value is None:
             return value
         items = [value] if isinstance(value, str) else value
-        if not items or any(not isinstance(v, str) or not v.strip() for v in items):
-            raise ValueError("a shard source must be a non-empty pattern, index path or "
-                             "list of them")
-        return value
+        if not isinstance(items, (list, tuple)) or not items \
+                or any(not isinstance(v, str) or not v.strip() for v in items):
+            raise ValueError(f"a shard source must be a non-empty pattern, index path or "
+                             f"list of them, got {value!r}")
+        return list(items) if isinstance(items, tuple) else value
 
     @model_validator(mode="after")
     def _pipe_opt_in(self) -> "DataSpec":
         if not self.allow_pipe:
-            for source in (self.shards, self.eval_shards):
+            for name in ("shards", "eval_shards"):
+                source = getattr(self, name)
                 items = [source] if isinstance(source, str) else (source or [])
                 bad = [v for v in items if v.startswith(_PIPE_PREFIXES)]
                 if bad:
-                    raise ValueError(f"shard url {bad[0]!r} runs a shell command; set "
-                                     "allow_pipe: true to allow it")
+                    raise FieldError(name, f"shard url {bad[0]!r} runs a shell command; set "
+                                           "data.allow_pipe: true to allow it")
         return self

@@ -6,6 +6,17 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from .base import Spec
+from .errors import FieldError
+
+LINEAR_MIN_STEPS = 20
+"""Fewest steps of the 1000/T-scaled linear schedule whose betas stay <= 1."""
+
+
+def check_respacing(diffusion_steps: int, respacing: str) -> None:
+    """Raise ValueError (one line) unless `respacing` selects steps of a T=diffusion_steps process."""
+    from ..diffusion.respace import space_timesteps
+
+    space_timesteps(diffusion_steps, respacing)
 
 
 class DiffusionSpec(Spec):
@@ -33,18 +44,25 @@ class DiffusionSpec(Spec):
     @field_validator("timestep_respacing", mode="before")
     @classmethod
     def _respacing_str(cls, value: object) -> object:
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
             return str(value)
         if isinstance(value, (list, tuple)):
             return ",".join(str(v) for v in value)
         return value
 
     @model_validator(mode="after")
-    def _check_respacing(self) -> "DiffusionSpec":
+    def _check_process(self) -> "DiffusionSpec":
+        if self.noise_schedule == "linear" and self.diffusion_steps < LINEAR_MIN_STEPS:
+            # the linear schedule is scaled by 1000/T, so beta_T = 20/T exceeds 1 below T=20
+            raise FieldError("diffusion_steps", (
+                f"{self.diffusion_steps} steps with noise_schedule: linear give beta_T="
+                f"{20 / self.diffusion_steps:g} > 1; use at least {LINEAR_MIN_STEPS} steps or "
+                "noise_schedule: cosine"))
         if self.timestep_respacing:
-            from ..diffusion.respace import space_timesteps  # pure Python, no torch work
-
-            space_timesteps(self.diffusion_steps, self.timestep_respacing)
+            try:
+                check_respacing(self.diffusion_steps, self.timestep_respacing)
+            except ValueError as err:
+                raise FieldError("timestep_respacing", str(err)) from None
         return self
 
     def with_respacing(self, timestep_respacing: str) -> "DiffusionSpec":

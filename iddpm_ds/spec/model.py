@@ -7,6 +7,17 @@ from typing import Optional
 from pydantic import Field, field_validator, model_validator
 
 from .base import Spec, parse_int_list
+from .errors import FieldError
+
+# GroupNorm32: the reference normalises every activation in 32 groups (models/nn.py GROUPS).
+NORM_GROUPS = 32
+
+
+
+def _nearest_multiples(value: int) -> str:
+    below = value // NORM_GROUPS * NORM_GROUPS
+    return f"{below} or {below + NORM_GROUPS}" if below else str(NORM_GROUPS)
+
 
 # Reference channel multipliers by image size (script_util.create_model).
 DEFAULT_CHANNEL_MULT: dict[int, tuple[int, ...]] = {
@@ -55,30 +66,56 @@ class ModelSpec(Spec):
 
     @model_validator(mode="after")
     def _check_geometry(self) -> "ModelSpec":
+        """Every shape the UNet would reject at build time, named by the field to change."""
         if self.channel_mult is None and self.image_size not in DEFAULT_CHANNEL_MULT:
-            raise ValueError(
+            raise FieldError("channel_mult", (
                 f"image_size={self.image_size} has no default channel_mult (defaults exist for "
-                f"{sorted(DEFAULT_CHANNEL_MULT)}); set model.channel_mult, e.g. [1, 2, 2]")
+                f"{sorted(DEFAULT_CHANNEL_MULT)}); set model.channel_mult, e.g. [1, 2, 2]"))
         mult = self.resolved_channel_mult
-        if any(m <= 0 for m in mult):
-            raise ValueError(f"channel_mult entries must be positive, got {list(mult)}")
+        if not mult or any(m <= 0 for m in mult):
+            raise FieldError("channel_mult", f"needs one or more positive multipliers, got {list(mult)}")
         if self.image_size % (2 ** (len(mult) - 1)):
-            raise ValueError(
-                f"image_size={self.image_size} is not divisible by 2**{len(mult) - 1}, which "
-                f"channel_mult of {len(mult)} levels needs")
-        reached = {self.image_size // 2 ** i for i in range(len(mult))}
+            raise FieldError("image_size", (
+                f"{self.image_size} is not divisible by 2**{len(mult) - 1}, which the "
+                f"{len(mult)} levels of channel_mult={list(mult)} need"))
+        levels = [self.image_size // 2 ** i for i in range(len(mult))]
         for res in self.attention_resolutions:
-            if res <= 0 or self.image_size % res or res not in reached:
-                raise ValueError(
-                    f"attention resolution {res} does not divide image_size={self.image_size} "
-                    f"into a level the UNet reaches (levels: {sorted(reached, reverse=True)})")
+            if res not in levels:
+                raise FieldError("attention_resolutions", (
+                    f"{res} px is not a resolution the UNet reaches (image_size={self.image_size}, "
+                    f"channel_mult={list(mult)}: levels {levels})"))
         if self.small_size is not None and self.small_size >= self.image_size:
-            raise ValueError(f"small_size={self.small_size} must be below image_size={self.image_size}")
+            raise FieldError("small_size", f"{self.small_size} must be below image_size={self.image_size}")
+        self._check_channels(mult, levels)
         return self
+
+    def _check_channels(self, mult: tuple[int, ...], levels: list[int]) -> None:
+        # The stem's output (num_channels wide) is normalised by the first ResBlock, so
+        # num_channels itself must be a multiple of the groups; every level's width then is.
+        if self.num_channels % NORM_GROUPS:
+            raise FieldError("num_channels", (
+                f"{self.num_channels} is not a multiple of {NORM_GROUPS}: GroupNorm normalises "
+                f"every activation in {NORM_GROUPS} groups (try {_nearest_multiples(self.num_channels)})"))
+        if self.num_heads_upsample != -1 and self.num_heads_upsample < 1:
+            raise FieldError("num_heads_upsample",
+                             f"must be -1 (same as num_heads) or >= 1, got {self.num_heads_upsample}")
+        for level, (res, m) in enumerate(zip(levels, mult)):
+            width = self.num_channels * m
+            attends = res in self.attention_resolutions
+            heads = {"num_heads": self.num_heads} if attends or level == len(mult) - 1 else {}
+            if attends:  # the middle block (deepest level) attends with num_heads only
+                heads["num_heads_upsample"] = self.resolved_num_heads_upsample
+            for name, count in heads.items():
+                if width % count:
+                    raise FieldError(name, (
+                        f"{count} heads do not divide the {width} channels of the {res} px "
+                        f"level that attends (num_channels * channel_mult[{level}])"))
 
     @property
     def resolved_channel_mult(self) -> tuple[int, ...]:
-        return self.channel_mult or DEFAULT_CHANNEL_MULT[self.image_size]
+        if self.channel_mult is not None:
+            return self.channel_mult
+        return DEFAULT_CHANNEL_MULT[self.image_size]
 
     @property
     def attention_ds(self) -> tuple[int, ...]:

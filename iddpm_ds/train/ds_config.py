@@ -6,33 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..spec.job import DeepSpeedSpec, JobSpec, TrainSpec, deep_merge
+from ..spec.job import SPEC_OWNED, DeepSpeedSpec, JobSpec, TrainSpec, deep_merge, owned_keys_in
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
-
-# Keys the job spec owns; a template or override that sets them is a configuration error.
-SPEC_OWNED = {
-    "train_batch_size": "train.batch_size / train.global_batch_size",
-    "train_micro_batch_size_per_gpu": "train.microbatch",
-    "gradient_accumulation_steps": "train.microbatch",
-    "optimizer": "train.lr / train.weight_decay",
-    "scheduler": "train.lr_anneal_steps / train.warmup_steps",
-    "gradient_clipping": "train.grad_clip",
-    "bf16.enabled": "precision",
-    "fp16.enabled": "precision",
-    "amp": "precision",
-    "torch_autocast.enabled": "precision",
-    "torch_autocast.dtype": "precision",
-    "zero_optimization.stage": "deepspeed.zero_stage",
-}
-
 
 class ConfigError(ValueError):
     """A job whose engine configuration cannot work; the message names the field."""
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchSizes:
     """The batch triangle: global = micro x accumulation x world."""
 
     world_size: int
@@ -45,7 +28,7 @@ class BatchPlan:
         return self.per_rank * self.world_size
 
 
-def resolve_batch(train: TrainSpec, world_size: int) -> BatchPlan:
+def resolve_batch(train: TrainSpec, world_size: int) -> BatchSizes:
     """Apply the job's batch policy at this world size and check the triangle."""
     if train.global_batch_size is not None:
         if train.global_batch_size % world_size:
@@ -59,10 +42,10 @@ def resolve_batch(train: TrainSpec, world_size: int) -> BatchPlan:
     if per_rank % micro:
         raise ConfigError(f"per-rank batch {per_rank} (world size {world_size}) is not a multiple "
                           f"of train.microbatch={micro}")
-    plan = BatchPlan(world_size=world_size, per_rank=per_rank, micro=micro,
+    sizes = BatchSizes(world_size=world_size, per_rank=per_rank, micro=micro,
                      accumulation=per_rank // micro)
-    assert plan.global_batch == plan.micro * plan.accumulation * world_size
-    return plan
+    assert sizes.global_batch == sizes.micro * sizes.accumulation * world_size
+    return sizes
 
 
 def _template(name: str) -> dict[str, Any]:
@@ -71,18 +54,14 @@ def _template(name: str) -> dict[str, Any]:
         path = DS_CONFIG_DIR / name
     if not path.is_file():
         raise ConfigError(f"deepspeed.template {name!r} not found (looked in {DS_CONFIG_DIR})")
-    return json.loads(path.read_text())
-
-
-def _owned_keys_in(config: dict[str, Any], prefix: str = "") -> list[str]:
-    found = []
-    for key, value in config.items():
-        dotted = f"{prefix}{key}"
-        if dotted in SPEC_OWNED:
-            found.append(dotted)
-        elif isinstance(value, dict):
-            found += _owned_keys_in(value, dotted + ".")
-    return found
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"deepspeed.template {name!r}: {path} is not readable JSON "
+                          f"({' '.join(str(err).split())})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"deepspeed.template {name!r}: {path} must hold a JSON object")
+    return config
 
 
 def _engine_settings(ds: DeepSpeedSpec, precision: str, has_gpu: bool) -> dict[str, Any]:
@@ -96,7 +75,7 @@ def _engine_settings(ds: DeepSpeedSpec, precision: str, has_gpu: bool) -> dict[s
     user = [(_template(ds.template), f"deepspeed.template {ds.template}")] if ds.template else []
     user.append((ds.overrides, "deepspeed.overrides"))
     for extra, where in user:
-        owned = _owned_keys_in(extra)
+        owned = owned_keys_in(extra)
         if owned:
             raise ConfigError(f"{where} sets {owned[0]}, which the job spec owns: set "
                               f"{SPEC_OWNED[owned[0]]} instead")
@@ -113,18 +92,22 @@ def render_ds_config(job: JobSpec, world_size: int, has_gpu: bool) -> dict[str, 
     if job.precision == "fp16" and not has_gpu:
         raise ConfigError("precision: fp16 needs a GPU (DeepSpeed's CPU accelerator refuses fp16); "
                           "use precision: bf16 or fp32 on this machine")
-    plan = resolve_batch(job.train, world_size)
+    sizes = resolve_batch(job.train, world_size)
     config = _engine_settings(job.deepspeed, job.precision, has_gpu)
     train = job.train
+    offload = job.deepspeed.offload_optimizer
+    torch_adam = {"torch_adam": False} if offload else {"torch_adam": True, "fused": True}
     config = deep_merge(config, {
-        "train_batch_size": plan.global_batch,
-        "train_micro_batch_size_per_gpu": plan.micro,
-        "gradient_accumulation_steps": plan.accumulation,
-        # torch_adam: the reference's torch AdamW numerics; the CPU-offload path swaps in
-        # DeepSpeedCPUAdam, which implements the same update.
+        "train_batch_size": sizes.global_batch,
+        "train_micro_batch_size_per_gpu": sizes.micro,
+        "gradient_accumulation_steps": sizes.accumulation,
+        # torch_adam: the reference's torch AdamW update; the CPU-offload path swaps in
+        # DeepSpeedCPUAdam, which implements the same update. fused: torch's fused kernel,
+        # the one that takes a device-side skip flag (found_inf), which the divergence
+        # guard (guard.py) sets without a host sync.
         "optimizer": {"type": "AdamW", "params": {
             "lr": train.lr, "weight_decay": train.weight_decay, "betas": [0.9, 0.999],
-            "eps": 1e-8, "torch_adam": not job.deepspeed.offload_optimizer}},
+            "eps": 1e-8, **torch_adam}},
         "gradient_clipping": train.grad_clip,
         "bf16": {"enabled": job.precision == "bf16"},
         "fp16": {"enabled": job.precision == "fp16"},

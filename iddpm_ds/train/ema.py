@@ -20,12 +20,23 @@ class EMA:
             self.params = [[t.detach().clone().float() for t in master.local()] for _ in self.rates]
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, applied: torch.Tensor | None = None) -> None:
+        """One EMA step. With `applied` (device bool scalar) False the EMA stays as it was,
+        decided on the device: a skipped optimizer step must not move it. The gate costs
+        one transient copy of the local masters; x1 is exact, so an applied step rounds
+        exactly as the ungated update."""
         source = [t.detach() for t in self.master.local()]
+        if applied is not None:
+            source = torch._foreach_mul(source, applied.to(torch.float32))
         for rate, ema in zip(self.rates, self.params):
+            factor = rate if applied is None else torch.where(applied, rate, 1.0).float()
             # mul then add, exactly the reference's update (a lerp rounds differently)
-            torch._foreach_mul_(ema, rate)
+            torch._foreach_mul_(ema, factor)
             torch._foreach_add_(ema, source, alpha=1.0 - rate)
+
+    def full_state_dict(self, rate: float) -> dict[str, torch.Tensor]:
+        """Full EMA weights at one rate, by parameter name (collective under ZeRO)."""
+        return self.master.full_state_dict(self.params[self.rates.index(rate)])
 
     def full_state_dicts(self) -> dict[float, dict[str, torch.Tensor]]:
         """Full EMA weights per rate, by parameter name (collective under ZeRO: all ranks)."""

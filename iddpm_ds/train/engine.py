@@ -9,7 +9,7 @@ import torch
 from .. import dist
 from ..models import build_model, set_kernels
 from ..spec.job import JobSpec, TrainSpec
-from .ds_config import BatchPlan, render_ds_config, resolve_batch
+from .ds_config import BatchSizes, render_ds_config, resolve_batch
 
 # dtype the model's input is cast to; bf16-mixed keeps fp32 weights and autocasts inside
 COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32,
@@ -33,7 +33,7 @@ def lr_factor(train: TrainSpec) -> Callable[[int], float]:
 @dataclass
 class EngineBundle:
     engine: Any                 # deepspeed.DeepSpeedEngine
-    plan: BatchPlan
+    sizes: BatchSizes
     ds_config: dict[str, Any]
     dtype: torch.dtype
 
@@ -54,7 +54,7 @@ def build_engine(job: JobSpec) -> EngineBundle:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
     if job.train.compile:  # compiles engine.module in place: state-dict keys stay the same
         engine.compile()
-    return EngineBundle(engine=engine, plan=resolve_batch(job.train, world),
+    return EngineBundle(engine=engine, sizes=resolve_batch(job.train, world),
                         ds_config=ds_config, dtype=COMPUTE_DTYPE[job.precision])
 
 

@@ -80,6 +80,20 @@ def gather_floats(value: float) -> list[float]:
     return [float(t) for t in out]
 
 
+def finite_or_null(value: Any) -> tuple[Any, int]:
+    """`value` with every non-finite float (in dicts and lists too) replaced by None, and
+    how many were replaced."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, 1
+    if isinstance(value, dict):
+        items = [(k, *finite_or_null(v)) for k, v in value.items()]
+        return {k: v for k, v, _ in items}, sum(n for _, _, n in items)
+    if isinstance(value, (list, tuple)):
+        items = [finite_or_null(v) for v in value]
+        return [v for v, _ in items], sum(n for _, n in items)
+    return value, 0
+
+
 class MetricsWriter:
     """Rank 0's sinks: metrics.jsonl, TensorBoard events, and the console progress line."""
 
@@ -96,10 +110,14 @@ class MetricsWriter:
                 self.tb = SummaryWriter(str(run_dir / "tb"))
 
     def write(self, step: int, record: dict[str, Any]) -> None:
+        """One JSON line (strict JSON: non-finite numbers become null, counted in
+        "nonfinite_values"), TensorBoard scalars and the console line."""
         if not dist.is_main():
             return
-        record = {"step": step, "time": round(time.time(), 3), **record}
-        self.jsonl.write(json.dumps(record) + "\n")
+        record, bad = finite_or_null({"step": step, "time": round(time.time(), 3), **record})
+        if bad:
+            record["nonfinite_values"] = bad
+        self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "time"):
@@ -115,6 +133,8 @@ class MetricsWriter:
                          ("eval_bpd", ".3f"), ("eval_bpd_model", ".3f")):
             if key in r and r[key] is not None and not (isinstance(r[key], float) and math.isnan(r[key])):
                 parts.append(f"{key} {format(r[key], fmt)}")
+        if r.get("nonfinite_steps"):
+            parts.append(f"skipped {r['nonfinite_steps']} non-finite steps")
         if self.total_steps and r.get("step_time_s"):
             eta = (self.total_steps - step) * r["step_time_s"]
             parts.append(f"eta {eta / 60:.1f} min")

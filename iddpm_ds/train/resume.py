@@ -3,100 +3,103 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
 import torch.distributed as torch_dist
 
 from .. import dist
+from ..spec.job import JobSpec
 from . import checkpoint as ckpt
+from .ds_config import BatchSizes
+from .registry import Entry, Policy, StateRegistry
+from .saver import TRAINER_STATE, rank_file
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import Trainer
+# Sections whose change is fine on resume (logged field by field); a different model or
+# diffusion is refused.
+MAY_CHANGE = ("train", "data", "precision", "deepspeed")
+_ABSENT = "<absent>"
 
 
 class ResumeError(RuntimeError):
     """The run dir's checkpoint cannot continue this job (e.g. a different model)."""
 
 
-class Resumer:
-    def __init__(self, trainer: "Trainer") -> None:
-        self.trainer = trainer
-
-    def resume(self) -> str | None:
-        """Load the newest complete checkpoint, if any; returns its tag."""
-        start = time.perf_counter()
-        tag, why = self._choose_tag()
-        dist.log0("resume_check", decision=why)
-        if tag is None:
-            return None
-        tag_dir = self.trainer.ckpt_dir / tag
-        state = ckpt.load_plain(tag_dir / "trainer_state.pt")
-        self._check_compatible(state["spec"])
-        old_world = int(state["world_size"])
-        if old_world == dist.world_size():
-            self._load_engine(tag)
+def resume(registry: StateRegistry, ckpt_dir: Path, job: JobSpec, sizes: BatchSizes) -> str | None:
+    """Load the newest complete checkpoint into every registered piece, if there is one
+    (collective); returns its tag."""
+    start = time.perf_counter()
+    tag, why = _choose_tag(ckpt_dir)
+    dist.log0("resume_check", decision=why)
+    if tag is None:
+        return None
+    tag_dir = ckpt_dir / tag
+    saved = ckpt.load_plain(tag_dir / TRAINER_STATE)
+    meta = saved["meta"]
+    check_compatible(job, meta["spec"])
+    step, old_world = int(meta["step"]), int(meta["world_size"])
+    ranks: list[dict[str, Any]] | None = None
+    for entry in registry:
+        if entry.policy is Policy.SHARDED:
+            entry.obj.load_shards(tag_dir, step, old_world)   # collective
+        elif entry.policy is Policy.REPLICATED:
+            _load(entry, saved.get(entry.name), tag)
         else:
-            from .universal import load_at_new_world_size
-
-            load_at_new_world_size(self.trainer, tag, state)
-        self._load_own_state(tag_dir, state, old_world)
-        dist.log0("resumed", tag=tag, step=self.trainer.step, saved_world_size=old_world,
-                  world_size=dist.world_size(), seconds=round(time.perf_counter() - start, 2))
-        return tag
-
-    def _choose_tag(self) -> tuple[str | None, str]:
-        # rank 0 decides so that all ranks load the same tag even on a flaky shared FS
-        choice = [ckpt.find_resume_tag(self.trainer.ckpt_dir) if dist.is_main() else None]
-        if dist.world_size() > 1:
-            torch_dist.broadcast_object_list(choice, src=0)
-        return choice[0]
-
-    def _check_compatible(self, saved: dict[str, Any]) -> None:
-        job = self.trainer.job
-        for section in ("model", "diffusion"):
-            now = getattr(job, section).model_dump(mode="json")
-            if saved[section] != now:
-                diff = sorted(k for k in now if now[k] != saved[section].get(k))
-                raise ResumeError(
-                    f"{job.output.run_dir} holds a checkpoint of a different {section} "
-                    f"(fields {diff} differ); use another output.run_dir or restore the spec")
-        changed = [s for s in ("train", "data", "precision", "deepspeed")
-                   if saved.get(s) != job.model_dump(mode="json")[s]]
-        if changed:
-            dist.log0("resume_spec_changed", sections=changed)
-
-    def _load_engine(self, tag: str) -> None:
-        path, _ = self.trainer.engine.load_checkpoint(
-            str(self.trainer.ckpt_dir), tag=tag, load_optimizer_states=True,
-            load_lr_scheduler_states=True, load_module_strict=True)
-        if path is None:
-            raise ResumeError(f"DeepSpeed could not load checkpoint {tag} from {self.trainer.ckpt_dir}")
-
-    def _load_own_state(self, tag_dir: Path, state: dict[str, Any], old_world: int) -> None:
-        trainer, step = self.trainer, int(state["step"])
-        trainer.step = trainer.last_saved = step
-        trainer.sampler.load_state_dict(state["sampler"])
-        emas = {rate: ckpt.load_plain(tag_dir / ckpt.export_name_ema(rate, step))
-                for rate in trainer.ema.rates if (tag_dir / ckpt.export_name_ema(rate, step)).is_file()}
-        started = trainer.ema.load_full_state_dicts(emas)
-        if started:
-            dist.log0("ema_rate_started", rates=started, saved_rates=sorted(emas),
-                      note="not in the checkpoint: starts from the resumed weights")
-        ranks = [ckpt.load_plain(tag_dir / f"rank{r:05d}.pt") for r in range(old_world)]
-        trainer.data.load_state_dict([r["data"] for r in ranks])
-        if old_world == dist.world_size():  # same ranks: continue every random stream exactly
-            mine = ranks[dist.rank()]
-            ckpt.set_rng_state(mine["rng"])
-            trainer.sampler.set_rng_state(mine["sampler_rng"])
-        else:  # new ranks: fresh streams, mixed with the step so they do not replay step 0's
-            _reseed(trainer, step)
+            ranks = ranks or [ckpt.load_plain(tag_dir / rank_file(r)) for r in range(old_world)]
+            states = [r.get(entry.name) for r in ranks]
+            _load(entry, None if any(s is None for s in states) else states, tag)
+    if old_world != dist.world_size():
+        _log_batch_change(meta, job, sizes)
+    dist.log0("resumed", tag=tag, step=step, saved_world_size=old_world,
+              world_size=dist.world_size(), seconds=round(time.perf_counter() - start, 2))
+    return tag
 
 
-def _reseed(trainer: "Trainer", step: int) -> None:
-    from ..diffusion.timestep_sampler import stream_seed
+def _load(entry: Entry, state: Any, tag: str) -> None:
+    if state is None:  # registered after this checkpoint was written: keeps its fresh state
+        dist.log0("state_not_in_checkpoint", name=entry.name, tag=tag)
+        return
+    entry.obj.load_state_dict(state)
 
-    seed = stream_seed(trainer.job.train.seed * 1_000_003 + step, dist.rank())
-    torch.manual_seed(seed)
-    generator = torch.Generator(trainer.device).manual_seed(seed + 1)
-    trainer.sampler.set_rng_state(generator.get_state())
+
+def _choose_tag(ckpt_dir: Path) -> tuple[str | None, str]:
+    # rank 0 decides so that all ranks load the same tag even on a flaky shared FS
+    choice = [ckpt.find_resume_tag(ckpt_dir) if dist.is_main() else None]
+    if dist.world_size() > 1:
+        torch_dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+def spec_diff(old: Any, new: Any, path: str = "") -> dict[str, tuple[Any, Any]]:
+    """Changed leaves between two spec dumps, by dotted path: {"train.lr": (old, new)}."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: dict[str, tuple[Any, Any]] = {}
+        for key in sorted(set(old) | set(new), key=str):
+            sub = f"{path}.{key}" if path else str(key)
+            out.update(spec_diff(old.get(key, _ABSENT), new.get(key, _ABSENT), sub))
+        return out
+    return {} if old == new else {path: (old, new)}
+
+
+def check_compatible(job: JobSpec, saved: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another model or diffusion; log every other changed field."""
+    now = job.model_dump(mode="json")
+    for section in ("model", "diffusion"):
+        diff = spec_diff(saved.get(section), now[section], section)
+        if diff:
+            fields = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise ResumeError(f"{job.output.run_dir} holds a checkpoint of a different {section} "
+                              f"({fields}); use another output.run_dir or restore the spec")
+    changed: dict[str, dict[str, Any]] = {}
+    for section in MAY_CHANGE:
+        for key, (old, new) in spec_diff(saved.get(section), now[section], section).items():
+            changed[key] = {"old": old, "new": new}
+    if changed:
+        dist.log0("resume_spec_changed", fields=changed)
+
+
+def _log_batch_change(meta: dict[str, Any], job: JobSpec, sizes: BatchSizes) -> None:
+    policy = "global_batch_size fixed" if job.train.global_batch_size else "per-rank batch_size fixed"
+    dist.log0("resume_world_size_changed", saved_world_size=int(meta["world_size"]),
+              world_size=sizes.world_size, policy=policy,
+              global_batch=f"{meta['global_batch']} -> {sizes.global_batch}",
+              per_rank_batch=f"{meta['per_rank_batch']} -> {sizes.per_rank}")

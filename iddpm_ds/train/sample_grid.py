@@ -1,37 +1,10 @@
-"""Sample grids from the EMA weights during training."""
+"""Drawing the images of a training sample grid (the grid itself: periodic.write_sample_grid)."""
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 
-from .. import dist
 from ..diffusion import build_diffusion
-from ..images import make_grid, save_png, to_uint8
 from ..models import build_model
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import Trainer
-
-
-def write_sample_grid(trainer: "Trainer", rate: float) -> None:
-    """Assemble the EMA weights (collective), sample on rank 0, write PNG + TensorBoard."""
-    job = trainer.job
-    index = trainer.ema.rates.index(rate)
-    state = trainer.master.full_state_dict(trainer.ema.params[index])
-    if dist.is_main() and job.model.small_size is None:
-        # fork_rng: drawing the grid must not shift rank 0's training noise stream
-        with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
-            samples = sample_images(job, state, trainer.device, job.train.sample_count,
-                                    job.train.sample_respacing, seed=job.train.seed)
-        # class-conditional: one column per class (labels cycle 0..K-1)
-        columns = min(job.model.num_classes, 10) if job.model.class_cond else None
-        grid = make_grid(to_uint8(samples), nrow=columns)
-        path = trainer.run_dir / "samples" / f"ema_{rate}_{trainer.step:06d}.png"
-        save_png(grid, path, scale=2)
-        trainer.writer.image(f"samples/ema_{rate}", grid, trainer.step)
-        dist.log0("sample_grid", step=trainer.step, path=str(path))
-    dist.barrier()
 
 
 @torch.no_grad()

@@ -1,52 +1,46 @@
-"""Writing one complete checkpoint (all ranks take part)."""
+"""Writing one complete checkpoint of every registered piece (all ranks take part)."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any
 
 from .. import dist
 from . import checkpoint as ckpt
+from .registry import Policy, StateRegistry
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import Trainer
-
-# ds_to_universal needs this key in the client state; our UNet has no tensor-parallel
-# slicing, so it carries no patterns.
-UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+TRAINER_STATE = "trainer_state.pt"
 
 
-def save_checkpoint(trainer: "Trainer") -> None:
-    """Engine state, exports, trainer state and per-rank state; `latest` moves last."""
+def rank_file(rank: int) -> str:
+    return f"rank{rank:05d}.pt"
+
+
+def save_checkpoint(registry: StateRegistry, ckpt_dir: Path, step: int, meta: dict[str, Any],
+                    keep: int) -> None:
+    """Every registered piece by its policy, plus `meta` (facts about this run: world size,
+    batch sizes, spec) in trainer_state.pt; `latest` moves only after every rank's files
+    are on disk and complete.json is written."""
     start = time.perf_counter()
-    step, tag = trainer.step, ckpt.tag_for(trainer.step)
-    tag_dir = trainer.ckpt_dir / tag
-    trainer.engine.save_checkpoint(str(trainer.ckpt_dir), tag=tag, save_latest=False,
-                                   client_state={"step": step, **UNIVERSAL_INFO})
-    model_state = trainer.master.full_state_dict()        # collective under ZeRO
-    ema_states = trainer.ema.full_state_dicts()           # collective under ZeRO
+    tag = ckpt.tag_for(step)
+    tag_dir = ckpt_dir / tag
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    replicated: dict[str, Any] = {"meta": {**meta, "step": step}}
+    mine: dict[str, Any] = {}
+    for entry in registry:
+        if entry.policy is Policy.SHARDED:
+            entry.obj.save_shards(tag_dir, step)      # collective under ZeRO
+        elif entry.policy is Policy.REPLICATED:
+            if dist.is_main():
+                replicated[entry.name] = entry.obj.state_dict()
+        else:
+            mine[entry.name] = entry.obj.state_dict()
     if dist.is_main():
-        ckpt.atomic_torch_save(model_state, tag_dir / ckpt.export_name_model(step))
-        for rate, state in ema_states.items():
-            ckpt.atomic_torch_save(state, tag_dir / ckpt.export_name_ema(rate, step))
-        ckpt.atomic_torch_save(_trainer_state(trainer), tag_dir / "trainer_state.pt")
-    ckpt.atomic_torch_save({"data": trainer.data.state_dict(), "rng": ckpt.rng_state(),
-                            "sampler_rng": trainer.sampler.rng_state()},
-                           tag_dir / f"rank{dist.rank():05d}.pt")
+        ckpt.atomic_torch_save(replicated, tag_dir / TRAINER_STATE)
+    ckpt.atomic_torch_save(mine, tag_dir / rank_file(dist.rank()))
     dist.barrier()  # every rank's files are on disk before the checkpoint counts
     if dist.is_main():
-        meta = {"step": step, "world_size": dist.world_size(), "time": time.time()}
-        ckpt.mark_complete(trainer.ckpt_dir, tag, meta, trainer.job.output.keep_checkpoints)
+        mark = {"step": step, "world_size": dist.world_size(), "time": time.time()}
+        ckpt.mark_complete(ckpt_dir, tag, mark, keep)
     dist.barrier()
     dist.log0("checkpoint_saved", step=step, tag=tag, seconds=round(time.perf_counter() - start, 2))
-
-
-def _trainer_state(trainer: "Trainer") -> dict:
-    return {
-        "step": trainer.step,
-        "world_size": dist.world_size(),
-        "global_batch": trainer.plan.global_batch,
-        "per_rank_batch": trainer.plan.per_rank,
-        "ema_rates": list(trainer.ema.rates),
-        "sampler": trainer.sampler.state_dict(),
-        "spec": trainer.job.model_dump(mode="json"),
-    }

@@ -5,6 +5,7 @@ EMA, metrics. Everything read back from the device waits for a log interval.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,16 @@ from ..diffusion.timestep_sampler import build_schedule_sampler
 from ..spec.job import JobSpec, dump_job
 from .ds_config import render_ds_config, resolve_batch
 from .ema import EMA
-from .evaluation import evaluate_during_training
 from .engine import EngineModel, build_engine, grad_norm, loss_scale
+from .guard import DIVERGED_EXIT, DivergenceGuard, Diverged, all_finite
 from .master import MasterWeights
 from .metrics import LossAccumulator, MetricsWriter, gather_floats, memory_mb
+from .periodic import evaluate_during_training, write_sample_grid
 from .preempt import PREEMPTED_EXIT, PreemptionWatch
-from .resume import Resumer
+from .registry import Policy, StateRegistry
+from .resume import resume
 from .saver import save_checkpoint
-from .sample_grid import write_sample_grid
-
+from .states import EMAState, EngineState, ProcessRNG, SamplerRNG, TrainCounters
 
 class Trainer:
     """Builds every component from its spec slice, resumes if it can, and trains."""
@@ -38,35 +40,59 @@ class Trainer:
         self.preempt = PreemptionWatch(job.train.preempt_check_interval)
         self.run_dir = Path(job.output.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        plan = resolve_batch(job.train, dist.world_size())
+        sizes = resolve_batch(job.train, dist.world_size())
         render_ds_config(job, dist.world_size(), dist.has_gpu())  # config errors before any work
         self.data = build_train_stream(  # missing/corrupt data fails here, before any write
             job.data, image_size=job.model.image_size, class_cond=job.model.class_cond,
-            batch_size=plan.micro, rank=dist.rank(), world_size=dist.world_size(), seed=job.train.seed)
+            batch_size=sizes.micro, rank=dist.rank(), world_size=dist.world_size(), seed=job.train.seed,
+            num_classes=job.model.num_classes)
         if job.train.eval_interval:  # a bad held-out source fails now, not hours in
             build_eval_stream(job.data, image_size=job.model.image_size, class_cond=job.model.class_cond,
-                              batch_size=plan.micro, rank=dist.rank(), world_size=dist.world_size(),
-                              num_samples=job.train.eval_samples)
+                              batch_size=sizes.micro, rank=dist.rank(), world_size=dist.world_size(),
+                              num_samples=job.train.eval_samples, num_classes=job.model.num_classes)
         self._prepare_run_dir()
         bundle = build_engine(job)
-        self.engine, self.plan, self.dtype = bundle.engine, bundle.plan, bundle.dtype
+        self.engine, self.sizes, self.dtype = bundle.engine, bundle.sizes, bundle.dtype
         self.model_fn = EngineModel(self.engine, self.dtype)
         self.diffusion = build_diffusion(job.diffusion)
         self.master = MasterWeights(self.engine)
         self.ema = EMA(self.master, job.train.ema_rate)
         self.device = dist.device()
         torch.manual_seed(job.train.seed * 100_003 + dist.rank())  # per-rank noise and dropout
-        self.sampler = build_schedule_sampler(
+        self.timestep_sampler = build_schedule_sampler(
             job.train.schedule_sampler, self.diffusion.num_timesteps, device=self.device,
-            seed=job.train.seed, rank=dist.rank(), max_local_batch=self.plan.micro)
+            seed=job.train.seed, rank=dist.rank(), max_local_batch=self.sizes.micro)
         self.losses = LossAccumulator(self.diffusion.num_timesteps, self.device)
-        self.step = 0
-        self.last_saved = -1
-        self.resumed_from = Resumer(self).resume()
+        self.guard = DivergenceGuard(self.engine, job.train.max_nonfinite_steps, self.device)
+        self.counters = TrainCounters()
+        self.registry = self._register_state()
+        self.resumed_from = resume(self.registry, self.ckpt_dir, job, self.sizes)
+        self.last_saved = self.step if self.resumed_from else -1
         self.writer = MetricsWriter(self.run_dir, job.output.tensorboard, job.train.total_steps)
-        self._norm_from_grads = job.deepspeed.zero_stage == 0 and job.precision == "fp32"
-        self._grad_norm: Any = None
         self._reset_timers()
+
+    def _register_state(self) -> StateRegistry:
+        """Everything a checkpoint holds. New checkpointed state: one `register` line here
+        (see registry.py for the policies; entries load in this order)."""
+        seed, registry = self.job.train.seed, StateRegistry()
+        registry.register("engine", EngineState(self.engine, self.master), Policy.SHARDED)
+        registry.register("ema", EMAState(self.ema), Policy.SHARDED)
+        registry.register("counters", self.counters, Policy.REPLICATED)
+        registry.register("timestep_sampler", self.timestep_sampler, Policy.REPLICATED)
+        registry.register("divergence_guard", self.guard, Policy.REPLICATED)
+        registry.register("data", self.data, Policy.PER_RANK)
+        registry.register("rng", ProcessRNG(self.counters, seed), Policy.PER_RANK)
+        registry.register("timestep_sampler_rng",
+                          SamplerRNG(self.timestep_sampler, self.counters, seed), Policy.PER_RANK)
+        return registry
+
+    @property
+    def step(self) -> int:
+        return self.counters.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.counters.step = value
 
     def _prepare_run_dir(self) -> None:
         if dist.is_main():
@@ -79,8 +105,8 @@ class Trainer:
         """Train until train.total_steps (or forever); returns the process exit status."""
         total = self.job.train.total_steps
         dist.log0("train_start", step=self.step, total_steps=total, world_size=dist.world_size(),
-                  per_rank_batch=self.plan.per_rank, micro=self.plan.micro,
-                  accumulation=self.plan.accumulation, global_batch=self.plan.global_batch,
+                  per_rank_batch=self.sizes.per_rank, micro=self.sizes.micro,
+                  accumulation=self.sizes.accumulation, global_batch=self.sizes.global_batch,
                   zero_stage=self.job.deepspeed.zero_stage, precision=self.job.precision,
                   **dist.slurm_facts())
         self._batches = iter(self.data)
@@ -96,27 +122,37 @@ class Trainer:
                 self.save()
             dist.log0("train_done", step=self.step)
             return 0
+        except Diverged as err:  # every rank gets here at the same step: the verdicts are global
+            latest = self.ckpt_dir / "latest"
+            where = f"latest checkpoint: {latest.read_text()}" if latest.is_file() else "no checkpoint"
+            dist.print0(f"error: {err}; stopped at step {self.step}, nothing saved ({where})",
+                        file=sys.stderr)
+            return DIVERGED_EXIT
         finally:
             self.preempt.restore()
             self.writer.close()
             self.data.close()
 
     def train_step(self) -> None:
-        """One optimizer step: `accumulation` micro-batches, then DeepSpeed steps."""
-        for micro in range(self.plan.accumulation):
+        """One optimizer step: `accumulation` micro-batches, then DeepSpeed steps. A step
+        with a non-finite loss or gradient norm is skipped on the device (guard.py)."""
+        self.guard.begin_step()
+        self.timestep_sampler.begin_step()
+        for micro in range(self.sizes.accumulation):
             x_start, model_kwargs = self._next_batch()                       # [n, C, H, W]
-            t, weights = self.sampler.sample(x_start.shape[0])               # [n], [n]
+            t, weights = self.timestep_sampler.sample(x_start.shape[0])      # [n], [n]
             losses = self.diffusion.training_losses(self.model_fn, x_start, t,
                                                     model_kwargs=model_kwargs)
-            self.sampler.update_with_local_losses(t, losses["loss"].detach())  # one collective
-            loss = (losses["loss"] * weights).mean()
+            self.timestep_sampler.update_with_local_losses(t, losses["loss"].detach())  # one collective
+            loss = self.guard.poison((losses["loss"] * weights).mean())
             self.engine.backward(loss)                 # DeepSpeed scales by 1/accumulation
-            if micro == self.plan.accumulation - 1 and self._wants_grad_norm():
-                self._grad_norm = _local_grad_norm(self.engine.module)
+            if micro == self.sizes.accumulation - 1:
+                self.guard.measure_grads()             # ZeRO-0 fp32: norm before clipping
             self.engine.step()                         # optimizer only at the boundary
             self.losses.accumulate(t, losses)
-        if self.engine.was_step_applied():             # fp16 overflow steps leave EMA alone
-            self.ema.update()
+        applied = self.guard.end_step()                # device bool: no host sync
+        self.timestep_sampler.end_step(applied)
+        self.ema.update(applied)
         self.step += 1
         self._steps_in_interval += 1
 
@@ -141,21 +177,19 @@ class Trainer:
             self.save()
         self._paused += time.perf_counter() - start
 
-    def _wants_grad_norm(self) -> bool:
-        return self._norm_from_grads and (self.step + 1) % self.job.train.log_interval == 0
-
     # ------------------------------------------------------------- at intervals only
     def log_metrics(self) -> None:
         """Read the interval's metrics from the device (collective; all ranks)."""
         record: dict[str, Any] = self.losses.reduce()
         elapsed = time.perf_counter() - self._interval_start - self._paused
         steps = max(1, self._steps_in_interval)
-        norm = self._grad_norm if self._norm_from_grads else grad_norm(self.engine)
+        self.guard.poll()
+        norm = self.guard.grad_norm if self.guard.direct else grad_norm(self.engine)
         record.update({
-            "grad_norm": float(norm) if norm is not None else None,
+            "grad_norm": _norm_value(norm),
             "lr": self.engine.get_lr()[0],
-            "samples": self.step * self.plan.global_batch,
-            "img_per_s": steps * self.plan.global_batch / elapsed,
+            "samples": self.step * self.sizes.global_batch,
+            "img_per_s": steps * self.sizes.global_batch / elapsed,
             "step_time_s": elapsed / steps,
             "data_wait_s": self._data_wait / steps,
             "compute_s": (elapsed - self._data_wait) / steps,
@@ -165,11 +199,16 @@ class Trainer:
         scale = loss_scale(self.engine)
         if scale:
             record["lg_loss_scale"] = float(torch.tensor(scale).log2())
-        record.update({f"sampler_{k}": float(v) for k, v in self.sampler.metrics().items()})
+        record.update({f"sampler_{k}": float(v) for k, v in self.timestep_sampler.metrics().items()})
         record.update({f"data_{k}": v for k, v in self.data.stats().items()
                        if isinstance(v, (int, float))})
+        record.update(self.guard.metrics())
+        if record["nonfinite_steps"]:
+            dist.log0("nonfinite_steps_skipped", step=self.step, count=record["nonfinite_steps"],
+                      streak=record["nonfinite_streak"], total=record["nonfinite_steps_total"])
         self.writer.write(self.step, record)
         self._reset_timers()
+        self.guard.check()
 
     def _reset_timers(self) -> None:
         self._interval_start = time.perf_counter()
@@ -178,20 +217,30 @@ class Trainer:
         self._steps_in_interval = 0
 
     def sample_grid(self) -> None:
-        write_sample_grid(self, rate=self.job.train.ema_rate[0])
+        write_sample_grid(self.job, self.ema, self.ema.rates[0], self.step, self.run_dir,
+                          self.writer, self.device)
 
     def evaluate(self) -> None:
-        evaluate_during_training(self)
+        evaluate_during_training(self.job, self.ema, self.master, self.step, self.writer,
+                                 self.device, self.sizes.micro)
 
     def save(self) -> None:
-        save_checkpoint(self)
+        """Checkpoint (all ranks). Refused, ending the run, once the guard has tripped or
+        if any weight is non-finite: `latest` only ever names finite checkpoints."""
+        self.guard.poll()
+        self.guard.check()
+        if not all_finite(self.master.local() + [t for ema in self.ema.params for t in ema]):
+            raise Diverged("training diverged: non-finite fp32 master or EMA weights")
+        meta = {"world_size": dist.world_size(), "global_batch": self.sizes.global_batch,
+                "per_rank_batch": self.sizes.per_rank, "spec": self.job.model_dump(mode="json")}
+        save_checkpoint(self.registry, self.ckpt_dir, self.step, meta,
+                        self.job.output.keep_checkpoints)
         self.last_saved = self.step
 
 
-@torch.no_grad()
-def _local_grad_norm(module: torch.nn.Module) -> torch.Tensor:
-    """L2 norm of all gradients (already averaged over ranks at the ZeRO-0 boundary)."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+def _norm_value(norm: Any) -> float | None:
+    """A gradient norm for the log: DeepSpeed reports a non-finite one as -1 (made NaN)."""
+    if norm is None:
+        return None
+    value = float(norm)
+    return value if value >= 0 else float("nan")

@@ -15,13 +15,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import dist
 from .checkpoint import COMPLETE, atomic_write_bytes
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import Trainer
 
 UNIVERSAL = "universal"
 
@@ -51,14 +48,13 @@ def convert_to_universal(tag_dir: Path) -> float:
     return time.perf_counter() - start
 
 
-def load_at_new_world_size(trainer: "Trainer", tag: str, state: dict[str, Any]) -> None:
-    """Load `tag`, written at another world size, into this engine."""
-    tag_dir = trainer.ckpt_dir / tag
+def load_at_new_world_size(engine: Any, tag_dir: Path) -> None:
+    """Load the checkpoint in `tag_dir`, written at another world size, into `engine`
+    (collective: every rank calls it)."""
     seconds = 0.0
     if dist.is_main():
         seconds = convert_to_universal(tag_dir)
     dist.barrier()
-    engine = trainer.engine
     engine._config.load_universal_checkpoint = True  # for this one load only
     try:
         path, _ = engine.load_checkpoint(str(tag_dir), tag=UNIVERSAL, load_optimizer_states=True,
@@ -67,14 +63,4 @@ def load_at_new_world_size(trainer: "Trainer", tag: str, state: dict[str, Any]) 
         engine._config.load_universal_checkpoint = False
     if path is None:
         raise ConversionError(f"DeepSpeed could not load the universal checkpoint in {tag_dir}")
-    _log_batch_change(trainer, state, seconds)
-
-
-def _log_batch_change(trainer: "Trainer", state: dict[str, Any], seconds: float) -> None:
-    plan, train = trainer.plan, trainer.job.train
-    policy = "global_batch_size fixed" if train.global_batch_size else "per-rank batch_size fixed"
-    dist.log0("resume_world_size_changed", saved_world_size=int(state["world_size"]),
-              world_size=plan.world_size, policy=policy,
-              global_batch=f"{state['global_batch']} -> {plan.global_batch}",
-              per_rank_batch=f"{state['per_rank_batch']} -> {plan.per_rank}",
-              conversion_seconds=round(seconds, 2))
+    dist.log0("universal_checkpoint_loaded", tag_dir=str(tag_dir), conversion_seconds=round(seconds, 2))

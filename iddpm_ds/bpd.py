@@ -2,7 +2,7 @@
 
 Public API::
 
-    from iddpm_ds.evaluation import evaluate_bpd, evaluate_shards
+    from iddpm_ds.bpd import evaluate_bpd, evaluate_shards
     result = evaluate_shards(model, diffusion, model_spec, data_spec, batch_size=16,
                              num_samples=1000, device=dist.device())   # collective
     result["bpd"], result["prior_bpd"], result["terms"]["vb"]
@@ -24,9 +24,9 @@ import torch.distributed as torch_dist
 
 from . import dist
 from .diffusion import SpacedDiffusion
-from .sampling import SamplingError
 from .spec.data import DataSpec
 from .spec.model import ModelSpec
+from .weights import SamplingError
 
 
 @contextlib.contextmanager
@@ -146,7 +146,7 @@ def evaluate_shards(model: Any, diffusion: SpacedDiffusion, model_spec: ModelSpe
     stream = build_eval_stream(data_spec, image_size=model_spec.image_size,
                                class_cond=model_spec.class_cond, batch_size=batch_size,
                                rank=dist.rank(), world_size=dist.world_size(),
-                               num_samples=num_samples)
+                               num_samples=num_samples, num_classes=model_spec.num_classes)
     result = evaluate_bpd(model, diffusion, stream.padded(), device=device,
                           clip_denoised=clip_denoised, seed=seed, progress=progress,
                           total_batches=stream.max_batches)
