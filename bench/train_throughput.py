@@ -38,19 +38,21 @@ from common import (BATCH, CONFIG_LINE, Bare, PhaseClock, interleaved, make_job,
                     make_shards, matmul_peak, paired_ratio, step_flops)
 
 PHASES = ["data wait", "forward (losses)", "backward", "sampler (sample + update)", "optimizer step",
-          "EMA", "metrics + preemption check"]
+          "EMA", "divergence guard", "metrics + preemption check"]
 
 
 def instrument_service(trainer, clock: PhaseClock) -> None:
     """Route each component the trainer's step calls through a phase clock (in place)."""
-    sampler = getattr(trainer, "timestep_sampler", None) or trainer.sampler
+    sampler = trainer.timestep_sampler
     clock.wrap(trainer, "_next_batch", "data wait")
     clock.wrap(trainer.diffusion, "training_losses", "forward (losses)")
     clock.wrap(trainer.engine, "backward", "backward")
-    clock.wrap(sampler, "sample", "sampler (sample + update)")
-    clock.wrap(sampler, "update_with_local_losses", "sampler (sample + update)")
+    for name in ("sample", "update_with_local_losses", "begin_step", "end_step"):
+        clock.wrap(sampler, name, "sampler (sample + update)")
     clock.wrap(trainer.engine, "step", "optimizer step")
     clock.wrap(trainer.ema, "update", "EMA")
+    for name in ("begin_step", "poison", "measure_grads", "end_step"):
+        clock.wrap(trainer.guard, name, "divergence guard")
     clock.wrap(trainer.losses, "accumulate", "metrics + preemption check")
     clock.wrap(trainer, "_after_step", "metrics + preemption check")
     clock.wrap(trainer.preempt, "should_stop", "metrics + preemption check")

@@ -3,11 +3,14 @@ train.attention_kernel, precision bf16-mixed): each changes speed, never the res
 rounding. Spec checks and rendering here; the UNet's numerics; the service end to end."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from pydantic import ValidationError
 
-from iddpm_ds.models import build_model, set_kernels
+from iddpm_ds.models import at_precision, build_model, set_kernels
+from iddpm_ds.models.precision import AtPrecision
 from iddpm_ds.models.nn import qkv_attention
 from iddpm_ds.spec.job import JobSpec, load_job
 from iddpm_ds.spec.model import ModelSpec
@@ -142,3 +145,44 @@ def test_service_trains_with_every_lever(tmp_path, digits_shards, stage):
                          weights_only=True)
     assert set(weights) == set(build_model(load_job(job).model).state_dict())  # no compile prefix
     assert all(v.dtype == torch.float32 for v in weights.values())
+
+
+# --- sampling and evaluation precision ----------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
+def test_inference_precision_is_fp32_up_to_bf16_rounding(precision):
+    model, x, t, kwargs = _model_and_inputs()
+    expected = model(x, t, **kwargs)
+    wrapped = at_precision(model, precision)
+    out = wrapped(x, t, **kwargs)
+    assert out.dtype == torch.float32  # the diffusion's formulas stay fp32
+    err = (out - expected).abs().max() / expected.abs().max()
+    assert 0 < err < 0.05, err
+    weight_dtype = next(model.parameters()).dtype
+    assert weight_dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    assert next(wrapped.parameters()) is next(model.parameters())  # the loops can find the device
+    with pytest.raises(ValueError, match="unknown precision"):
+        AtPrecision(model, "fp8")
+
+
+def test_sample_and_evaluate_clis_take_a_precision(tmp_path):
+    from test_evaluate import digit_images, write_shards
+    from test_sampling import _cli, make_run, tiny_specs
+
+    from iddpm_ds.spec.data import DataSpec
+
+    images, labels = digit_images(8)
+    index = str(write_shards(tmp_path / "shards", images, labels, eval_count=4))
+    run_dir = make_run(tmp_path / "run", *tiny_specs(),
+                       data=DataSpec(shards=index, eval_shards=index, num_workers=0))
+    proc = _cli("sample.py", "--run-dir", str(run_dir), "--num-samples", "2", "--batch-size", "2",
+                "--respacing", "ddim3", "--precision", "bf16", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["precision"] == "bf16"
+    proc = _cli("evaluate.py", "--run-dir", str(run_dir), "--num-samples", "2", "--batch-size", "2",
+                "--respacing", "3", "--precision", "bf16-mixed", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["precision"] == "bf16-mixed" and report["bpd"] > 0
+    proc = _cli("sample.py", "--run-dir", str(run_dir), "--precision", "fp8")
+    assert proc.returncode == 2 and "--precision" in proc.stderr
