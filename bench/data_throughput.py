@@ -1,24 +1,28 @@
-"""Images/s of the shard reader vs a per-file folder loader written the reference way.
+"""Images/s of the shard reader vs a per-file folder loader written the reference way, like
+for like: every row gives both the same worker count, the same stored bytes and the same
+preprocessing work per image, so the ratio is the container and reader alone.
 
-Both read the same generated images (JPEGs of mixed sizes, 40-96 px, 10 classes in
-sub-folders) and deliver identical tensors (x float32 [B, 3, 32, 32] in [-1, 1], y):
-- baseline: the reference's design: every rank lists the whole folder, keeps a strided
-  slice (rank::world), opens each file with PIL, preprocesses one sample at a time and
-  collates, in a DataLoader with one worker, shuffle and drop_last;
-- ours: build_train_stream over tar shards written by iddpm-shards, 1 and 2 workers,
-  once over shards of the original files (the same decode + resize work per image as the
-  baseline) and once over shards written with --image-size (resize + crop done once at
-  writing time; the tensors are bit-identical to the reference preprocessing of the
-  originals, see tests/test_data.py), and once more with --raw (uncompressed pixels).
-Each number is one full pass over the images including loader start-up, one rank.
+Generated JPEGs (mixed sizes 40-96 px, 10 classes in sub-folders) are stored three ways,
+each once as a folder of files (for the per-file loader) and once as tar shards:
+  original  the JPEGs as generated; both readers decode + resize + crop every image
+  sized     pre-sized 32 px PNGs (resize done once, offline, for both readers)
+  raw       pre-sized 32 px uncompressed pixels (.npy; no decode for either reader)
+The per-file loader is the reference's design: list the whole folder, keep a strided rank
+slice, open each file, preprocess one sample at a time, collate, in a DataLoader with
+shuffle and drop_last. The shard reader is build_train_stream. Both deliver identical
+tensors (x float32 [B, 3, 32, 32] in [-1, 1], y). Each pass is one full epoch on one rank,
+loader start-up included; each pair is repeated (order alternating) and the median of the
+per-pair ratios is printed. A second table then attributes what is NOT like for like:
+moving the resize offline, and adding a worker, each within one reader.
 
-    python bench/data_throughput.py                 # 10,000 images, ~1 min on 2 cores
-    python bench/data_throughput.py --images 2000   # quick check
+    python bench/data_throughput.py                 # 10,000 images, ~3 min on 2 cores
+    python bench/data_throughput.py --images 2000 --repeats 1   # quick check
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +35,10 @@ from torch.utils.data import DataLoader, Dataset
 from iddpm_ds.data import build_train_stream
 from iddpm_ds.data.shards import WriteOptions, folder_items, write_items
 from iddpm_ds.spec.data import DataSpec
+
+KINDS = {"original": "original JPEGs, decode + resize per read",
+         "sized": "pre-sized PNGs, decode per read",
+         "raw": "pre-sized raw pixels, no decode"}
 
 
 def make_images(folder: Path, count: int, seed: int = 0) -> None:
@@ -49,21 +57,31 @@ def make_images(folder: Path, count: int, seed: int = 0) -> None:
 # ------------------------------------------------------- the reference-style baseline
 
 
-def _list_image_files(folder: str) -> list[str]:
+def reference_preprocess(image: Image.Image, resolution: int) -> np.ndarray:
+    """The reference's resize (BOX halvings, then BICUBIC) + centre crop -> uint8 [H, W, 3]."""
+    while min(*image.size) >= 2 * resolution:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = resolution / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.array(image.convert("RGB"))
+    top, left = (arr.shape[0] - resolution) // 2, (arr.shape[1] - resolution) // 2
+    return arr[top:top + resolution, left:left + resolution]
+
+
+def _list_files(folder: str, extensions: tuple[str, ...]) -> list[str]:
     """Recursive listing as the reference does it (every rank lists everything)."""
     found = []
     for entry in sorted(os.listdir(folder)):
         path = os.path.join(folder, entry)
         if os.path.isdir(path):
-            found.extend(_list_image_files(path))
-        elif entry.split(".")[-1].lower() in ("jpg", "jpeg", "png", "gif"):
+            found.extend(_list_files(path, extensions))
+        elif entry.split(".")[-1].lower() in extensions:
             found.append(path)
     return found
 
 
 class _PerFileDataset(Dataset):
-    def __init__(self, resolution: int, paths: list[str], classes: list[int], rank: int,
-                 world: int):
+    def __init__(self, resolution: int, paths: list[str], classes: list[int], rank: int, world: int):
         self.resolution = resolution
         self.paths, self.classes = paths[rank::world], classes[rank::world]
 
@@ -71,27 +89,25 @@ class _PerFileDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, idx: int):
-        with open(self.paths[idx], "rb") as fh:
-            image = Image.open(fh)
-            image.load()
-        while min(*image.size) >= 2 * self.resolution:
-            image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-        scale = self.resolution / min(*image.size)
-        image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-        arr = np.array(image.convert("RGB"))
-        top, left = (arr.shape[0] - self.resolution) // 2, (arr.shape[1] - self.resolution) // 2
-        arr = arr[top:top + self.resolution, left:left + self.resolution]
+        path = self.paths[idx]
+        if path.endswith(".npy"):  # pre-sized raw pixels: nothing to decode or resize
+            arr = np.load(path, allow_pickle=False)
+        else:
+            with open(path, "rb") as fh:
+                image = Image.open(fh)
+                image.load()
+            arr = reference_preprocess(image, self.resolution)
         arr = arr.astype(np.float32) / 127.5 - 1
         return np.transpose(arr, [2, 0, 1]), {"y": np.array(self.classes[idx], dtype=np.int64)}
 
 
-def baseline_pass(folder: Path, resolution: int, batch: int) -> float:
+def baseline_pass(folder: Path, resolution: int, batch: int, workers: int) -> float:
     start = time.perf_counter()
-    paths = _list_image_files(str(folder))
+    paths = _list_files(str(folder), ("jpg", "jpeg", "png", "gif", "npy"))
     names = [os.path.basename(p).split("_")[0] for p in paths]
     ids = {n: i for i, n in enumerate(sorted(set(names)))}
     dataset = _PerFileDataset(resolution, paths, [ids[n] for n in names], rank=0, world=1)
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=1, drop_last=True)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
     seen = sum(x.shape[0] for x, _ in loader)
     return seen / (time.perf_counter() - start)
 
@@ -107,36 +123,79 @@ def shard_pass(index: Path, resolution: int, batch: int, workers: int) -> float:
     return rate
 
 
+# ------------------------------------------------------------------------- the setup
+
+
+def prepare(tmp: Path, count: int, resolution: int) -> dict[str, tuple[Path, Path]]:
+    """Per kind: (folder of files, shard index); the same bytes in both."""
+    folders = {kind: tmp / "files" / kind for kind in KINDS}
+    make_images(folders["original"], count)
+    for path in sorted(folders["original"].rglob("*.jpg")):
+        arr = reference_preprocess(Image.open(path), resolution)  # once, offline
+        rel = path.relative_to(folders["original"]).with_suffix("")
+        for kind, suffix in (("sized", ".png"), ("raw", ".npy")):
+            target = (folders[kind] / rel).with_suffix(suffix)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if kind == "sized":
+                Image.fromarray(arr).save(target)
+            else:
+                np.save(target, arr)
+    out = {}
+    for kind, folder in folders.items():
+        items = folder_items(folder) if kind != "raw" else folder_items(folders["sized"])
+        options = WriteOptions(progress=False, **({"image_size": resolution, "raw": True} if kind == "raw" else {}))
+        write_items(items, tmp / "shards" / kind, options, "bench")
+        out[kind] = (folder, tmp / "shards" / kind / "index.json")
+    return out
+
+
+def measure(pair: dict, repeats: int) -> dict[str, list[float]]:
+    """Alternate the order inside each repeat so drift hits both sides alike."""
+    rates: dict[str, list[float]] = {name: [] for name in pair}
+    for r in range(repeats):
+        for name in (list(pair) if r % 2 == 0 else list(pair)[::-1]):
+            rates[name].append(pair[name]())
+    return rates
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="passes per reader per row")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    res, batch = args.resolution, args.batch
     with tempfile.TemporaryDirectory() as tmp:
-        folder, out = Path(tmp) / "images", Path(tmp) / "shards"
-        t0 = time.perf_counter()
-        make_images(folder, args.images)
-        t1 = time.perf_counter()
-        write_items(folder_items(folder), out / "original", WriteOptions(progress=False), "bench")
-        t2 = time.perf_counter()
-        for kind, raw in (("sized", False), ("raw", True)):
-            write_items(folder_items(folder), out / kind,
-                        WriteOptions(image_size=args.resolution, raw=raw, progress=False), "bench")
-        t3 = time.perf_counter()
-        print(f"{args.images} images generated in {t1 - t0:.1f}s; sharded as originals in "
-              f"{t2 - t1:.1f}s, pre-sized PNG + raw (--image-size {args.resolution} [--raw]) in "
-              f"{t3 - t2:.1f}s")
-        base = baseline_pass(folder, args.resolution, args.batch)
-        print(f"{'baseline: per-file loader, 1 worker':44s}: {base:8.0f} img/s")
-        for kind, label in (("original", "original files"), ("sized", "pre-sized PNG"),
-                            ("raw", "pre-sized raw")):
+        began = time.perf_counter()
+        data = prepare(Path(tmp), args.images, res)
+        print(f"{args.images} images: generated, pre-sized and sharded in {time.perf_counter() - began:.0f} s; "
+              f"{args.repeats} pass(es) per reader per row, median of per-pair ratios")
+        print(f"{'stored as':<44} {'workers':>7} {'per-file img/s':>14} {'shards img/s':>12} {'ratio':>6}")
+        shard_rates = {}
+        for kind, (folder, index) in data.items():
             for workers in (1, 2):
-                rate = shard_pass(out / kind / "index.json", args.resolution, args.batch, workers)
-                name = f"shard stream, {label}, {workers} worker(s)"
-                print(f"{name:44s}: {rate:8.0f} img/s   ratio {rate / base:.2f}x")
+                rates = measure({
+                    "files": lambda: baseline_pass(folder, res, batch, workers),
+                    "shards": lambda: shard_pass(index, res, batch, workers)}, args.repeats)
+                ratio = statistics.median(s / f for s, f in zip(rates["shards"], rates["files"]))
+                shard_rates[kind, workers] = statistics.median(rates["shards"])
+                print(f"{KINDS[kind]:<44} {workers:>7} {statistics.median(rates['files']):14.0f} "
+                      f"{shard_rates[kind, workers]:12.0f} {ratio:5.2f}x")
+        attribute(shard_rates)
+
+
+def attribute(rates: dict[tuple[str, int], float]) -> None:
+    """Not like for like on purpose: what each setup change gives within the shard reader."""
+    print("\nwithin the shard reader (medians above; not a reader comparison):")
+    for workers in (1, 2):
+        print(f"  resize moved offline (sized / original), {workers} worker(s): "
+              f"{rates['sized', workers] / rates['original', workers]:.2f}x")
+        print(f"  decode removed too (raw / original), {workers} worker(s): "
+              f"{rates['raw', workers] / rates['original', workers]:.2f}x")
+    for kind in KINDS:
+        print(f"  second worker ({kind}): {rates[kind, 2] / rates[kind, 1]:.2f}x")
 
 
 if __name__ == "__main__":

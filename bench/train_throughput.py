@@ -1,160 +1,244 @@
 #!/usr/bin/env python
-"""Throughput of the full training-service step against a bare torch loop, same run.
+"""Training-step throughput of the service against a bare loop, with time per phase.
 
-Both train the reference's bench config (32 px, 64 channels, 2 res blocks, attention at
-16 and 8, learn_sigma, cosine, T=1000, dropout 0.1, batch 16, fp32 by default) in one
-process:
-  bare     model + GaussianDiffusion.training_losses + torch AdamW, batch already in memory,
-           uniform t; nothing else.
-  service  iddpm_ds's Trainer.train_step: streamed WebDataset batch, schedule sampler (+its
-           collective), DeepSpeed engine (ZeRO stage as given) backward/step, EMA update,
-           on-device metric accumulation.
-Timed blocks alternate between the two so machine noise hits both alike. Prints img/s,
-the ratio service/bare (target >= 0.95), and an MFU estimate: FLOPs of one step counted
-with torch's FlopCounterMode against this machine's fp32 (or bf16) matmul peak measured in
-the same run.
+At each world size (default 1 and 2) one launch of that many processes trains the bench
+config (bench/common.py) two ways, in alternating timed blocks so machine noise hits both:
+  bare     fp32 model + GaussianDiffusion.training_losses + torch AdamW (its defaults),
+           batch already in memory, uniform t; torch DDP at world size > 1.
+  service  iddpm_ds's Trainer: the step of Trainer.run (train_step, the after-step
+           checks, the preemption check), streamed WebDataset batches, the schedule
+           sampler (uniform at world size 1, loss-second-moment with its all-gather at
+           world size > 1, as a multi-GPU job runs it), DeepSpeed backward/step, EMA,
+           on-device metrics.
+Then a second pass times each phase of both loops (data wait, forward, backward, sampler,
+optimizer step, EMA, metrics + preemption check), synchronising the device at every phase
+boundary. That sync happens here only; the trainer's own step never synchronises.
 
-    python bench/train_throughput.py [--steps 4] [--blocks 5] [--precision fp32|bf16]
-                                     [--zero-stage 0] [--workers 1]
+Speed levers are job fields: --precision bf16-mixed, --set train.compile=true, ...
+(bench/train_levers.py runs the whole lever table).
+
+    python bench/train_throughput.py [--world 1 2] [--steps 4] [--blocks 5] [--precision fp32]
+                                     [--zero-stage 0] [--workers 1] [--set train.compile=true]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = {"image_size": 32, "num_channels": 64, "num_res_blocks": 2, "attention_resolutions": "16,8",
-         "learn_sigma": True, "dropout": 0.1}
-DIFFUSION = {"diffusion_steps": 1000, "noise_schedule": "cosine", "learn_sigma": True}
-BATCH = 16
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (BATCH, CONFIG_LINE, Bare, PhaseClock, interleaved, make_job,  # noqa: E402
+                    make_shards, matmul_peak, paired_ratio, step_flops)
+
+PHASES = ["data wait", "forward (losses)", "backward", "sampler (sample + update)", "optimizer step",
+          "EMA", "divergence guard", "metrics + preemption check"]
 
 
-def make_job(shards: Path, run_dir: Path, precision: str, stage: int, workers: int):
-    from iddpm_ds.spec.job import JobSpec
-
-    return JobSpec.model_validate({
-        "model": MODEL, "diffusion": DIFFUSION,
-        "data": {"shards": f"{shards}/index.json#train", "num_workers": workers, "shuffle_buffer": 256},
-        "train": {"batch_size": BATCH, "lr": 1e-4, "log_interval": 10**9, "save_interval": 10**9,
-                  "ema_rate": "0.9999"},
-        "precision": precision, "deepspeed": {"zero_stage": stage},
-        "output": {"run_dir": str(run_dir), "tensorboard": False}})
-
-
-class Bare:
-    """The baseline: what a hand-written single-GPU loop does, nothing more."""
-
-    def __init__(self, job) -> None:
-        from iddpm_ds import build_diffusion, build_model
-
-        torch.manual_seed(0)
-        self.dtype = torch.bfloat16 if job.precision == "bf16" else torch.float32
-        self.model = build_model(job.model).to(self.dtype)
-        self.diffusion = build_diffusion(job.diffusion)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
-        self.x = torch.rand(BATCH, 3, 32, 32) * 2 - 1               # [N, C, H, W]
-
-    def model_fn(self, x, t, **kw):
-        return self.model(x.to(self.dtype), t, **kw).float()
-
-    def step(self) -> None:
-        t = torch.randint(0, self.diffusion.num_timesteps, (BATCH,))
-        losses = self.diffusion.training_losses(self.model_fn, self.x, t)
-        losses["loss"].mean().backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+def instrument_service(trainer, clock: PhaseClock) -> None:
+    """Route each component the trainer's step calls through a phase clock (in place)."""
+    sampler = trainer.timestep_sampler
+    clock.wrap(trainer, "_next_batch", "data wait")
+    clock.wrap(trainer.diffusion, "training_losses", "forward (losses)")
+    clock.wrap(trainer.engine, "backward", "backward")
+    for name in ("sample", "update_with_local_losses", "begin_step", "end_step"):
+        clock.wrap(sampler, name, "sampler (sample + update)")
+    clock.wrap(trainer.engine, "step", "optimizer step")
+    clock.wrap(trainer.ema, "update", "EMA")
+    for name in ("begin_step", "poison", "measure_grads", "end_step"):
+        clock.wrap(trainer.guard, name, "divergence guard")
+    clock.wrap(trainer.losses, "accumulate", "metrics + preemption check")
+    clock.wrap(trainer, "_after_step", "metrics + preemption check")
+    clock.wrap(trainer.preempt, "should_stop", "metrics + preemption check")
 
 
-def timed(step, n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        step()
-    return n * BATCH / (time.perf_counter() - start)
+def service_step(trainer):
+    def step() -> None:  # what Trainer.run does per step
+        trainer.train_step()
+        trainer._after_step()
+        trainer.preempt.should_stop(trainer.step)
+    return step
 
 
-def matmul_peak(dtype: torch.dtype, reps: int = 10) -> float:
-    """Best dense-matmul FLOP/s over a few sizes: the practical peak of this device."""
-    best = 0.0
-    for size in (1024, 2048, 3072):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        a @ b
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = max(best, 2 * size**3 * reps / (time.perf_counter() - start))
-    return best
+def bare_step(bare: Bare, clock: PhaseClock):
+    def step() -> None:
+        t = torch.randint(0, bare.diffusion.num_timesteps, (BATCH,), device=bare.device)
+        with clock.phase("forward (losses)"):
+            loss = bare.diffusion.training_losses(bare.model, bare.x, t)["loss"].mean()
+        with clock.phase("backward"):
+            loss.backward()  # DDP's gradient all-reduce overlaps this
+        with clock.phase("optimizer step"):
+            bare.opt.step()
+            bare.opt.zero_grad(set_to_none=True)
+    return step
 
 
-def step_flops(bare: Bare) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+def phase_pass(steps: dict, clocks: dict, n: int, device, barrier) -> dict[str, dict[str, float]]:
+    """Seconds per step of each phase, clocks enabled (synchronising) for n steps."""
+    out = {}
+    for name, step in steps.items():
+        barrier()
+        clock = clocks[name]
+        clock.reset()
+        clock.enabled = True
+        with clock.phase("total"):
+            for _ in range(n):
+                step()
+        clock.enabled = False
+        out[name] = {k: v / n for k, v in clock.seconds.items()}
+    return out
 
-    with FlopCounterMode(display=False) as counter:
-        bare.step()
-    return counter.get_total_flops()
 
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4, help="steps per timed block")
-    parser.add_argument("--blocks", type=int, default=5, help="alternating timed blocks per loop")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3],
-                        help="ZeRO stage of the service (one process: 0 is what a single GPU runs)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="loader worker processes of the service (they share this machine's cores)")
-    args = parser.parse_args()
+def worker(args) -> None:
     from iddpm_ds import dist
     from iddpm_ds.train.trainer import Trainer
 
     dist.init()
-    peak_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    peak = matmul_peak(peak_dtype)  # before and after the loops: the better of the two
+    world, device = dist.world_size(), dist.device()
+    barrier = dist.barrier if world > 1 else (lambda: None)
+    sampler = args.sampler or ("uniform" if world == 1 else "loss-second-moment")
+    train = {k.split(".", 1)[1]: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     with tempfile.TemporaryDirectory() as tmp:
-        shards = Path(tmp) / "digits"
-        subprocess.run([sys.executable, str(ROOT / "launch/make_shards.py"), "digits", "--out", str(shards),
-                        "--image-size", "32", "--quiet"], check=True)
-        job = make_job(shards, Path(tmp) / "run", args.precision, args.zero_stage, args.workers)
+        job = make_job(Path(args.shards), Path(tmp) / "run", precision=args.precision,
+                       stage=args.zero_stage, workers=args.workers, sampler=sampler, train=train)
+        peak = matmul_peak(torch.bfloat16 if "bf16" in args.precision else torch.float32, device)
         trainer = Trainer(job)
         trainer._batches = iter(trainer.data)
-        bare = Bare(job)
-        for _ in range(2):  # warm-up: allocator, loader workers, lazy kernels
-            trainer.train_step()
-            bare.step()
-        rates = {"bare": [], "service": []}
-        for _ in range(args.blocks):
-            rates["bare"].append(timed(bare.step, args.steps))
-            rates["service"].append(timed(trainer.train_step, args.steps))
-        flops = step_flops(bare)
+        clocks = {"bare": PhaseClock(device), "service": PhaseClock(device)}
+        instrument_service(trainer, clocks["service"])
+        bare = Bare(job, device, world)
+        steps = {"bare": bare_step(bare, clocks["bare"]), "service": service_step(trainer)}
+        warm = {name: _warm_up(step, args.warmup, device) for name, step in steps.items()}
+        times = interleaved(steps, args.blocks, args.steps, device, barrier)
+        phases = phase_pass(steps, clocks, args.steps, device, barrier) if args.phases else {}
+        flops = step_flops(steps["bare"]) if args.flops else 0
         trainer.data.close()
-    peak = max(peak, matmul_peak(peak_dtype))
-    report(rates, flops, peak, args)
+    times = {k: _slowest_rank(v, world) for k, v in times.items()}
+    if dist.is_main():
+        print("RESULT " + json.dumps({
+            "world": world, "sampler": sampler, "precision": args.precision, "stage": args.zero_stage,
+            "workers": args.workers, "set": args.set, "threads": torch.get_num_threads(),
+            "times": times, "phases": phases, "warmup_s": warm, "flops": flops, "peak": peak,
+            "device": str(device)}), flush=True)
     dist.shutdown()
+
+
+def _warm_up(step, n: int, device) -> float:
+    """Allocator, loader workers, lazy kernels, compilation; returns its seconds."""
+    from common import timed
+    return timed(step, n, device) * n
+
+
+def _slowest_rank(values: list[float], world: int) -> list[float]:
+    if world == 1:
+        return values
+    import torch.distributed as torch_dist
+
+    tensor = torch.tensor(values, dtype=torch.float64)
+    torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def launch(args, world: int, shards: Path) -> dict:
+    """One run of `world` processes (torchrun); returns rank 0's result."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(world), __file__, "--worker", "--shards", str(shards)] + passthrough(args)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // world))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise SystemExit(f"world size {world} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                     f"{proc.stderr[-5000:]}")
+
+
+def passthrough(args) -> list[str]:
+    out = ["--precision", args.precision, "--zero-stage", str(args.zero_stage), "--workers",
+           str(args.workers), "--steps", str(args.steps), "--blocks", str(args.blocks),
+           "--warmup", str(args.warmup)]
+    out += ["--sampler", args.sampler] if args.sampler else []
+    out += [] if args.phases else ["--no-phases"]
+    out += [] if args.flops else ["--no-flops"]
+    for item in args.set:
+        out += ["--set", item]
+    return out
+
+
+def report(result: dict) -> None:
+    world, times = result["world"], result["times"]
+    bare, service = (statistics.median(times[k]) for k in ("bare", "service"))
+    print(f"\n== world size {world}: {result['sampler']} sampler, service {result['precision']} "
+          f"ZeRO-{result['stage']}, {result['workers']} loader worker(s) per rank, "
+          f"{result['threads']} thread(s) per rank{', ' + ' '.join(result['set']) if result['set'] else ''}")
+    print(f"{'':>12} {'img/s (all ranks)':>18} {'ratio to bare':>14}   warm-up s")
+    for name, sec in (("bare fp32", bare), ("service", service)):
+        ratio = 1.0 if name == "bare fp32" else paired_ratio(times["service"], times["bare"])
+        warm = result["warmup_s"]["bare" if name == "bare fp32" else "service"]
+        print(f"{name:>12} {BATCH * world / sec:18.2f} {ratio:14.3f}   {warm:8.1f}")
+    if result["flops"]:
+        achieved = result["flops"] / bare
+        print(f"bare fp32: {result['flops'] / 1e9:.2f} GFLOP/step per rank (torch's count), "
+              f"{achieved / 1e9:.1f} GFLOP/s per rank, {achieved / result['peak']:.0%} of the measured "
+              f"matmul peak ({result['peak'] / 1e9:.0f} GFLOP/s)")
+    if result["phases"]:
+        print(f"{'phase (ms per step, device synced at each boundary)':<52} {'bare':>8} {'service':>8}")
+        for phase in PHASES + ["other (not in a phase above)", "total"]:
+            cells = [_phase_ms(result["phases"][k], phase) for k in ("bare", "service")]
+            print(f"{phase:<52} " + " ".join(f"{c:8.1f}" if c is not None else f"{'-':>8}" for c in cells))
+
+
+def _phase_ms(phases: dict[str, float], phase: str) -> float | None:
+    if phase.startswith("other"):
+        return 1e3 * (phases["total"] - sum(v for k, v in phases.items() if k != "total"))
+    return 1e3 * phases[phase] if phase in phases else None
+
+
+def parse(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world", type=int, nargs="+", default=[1, 2], help="world sizes to run")
+    parser.add_argument("--steps", type=int, default=4, help="steps per timed block")
+    parser.add_argument("--blocks", type=int, default=5, help="alternating timed blocks per loop")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "bf16-mixed"], default="fp32")
+    parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
+    parser.add_argument("--workers", type=int, default=1, help="loader worker processes per rank")
+    parser.add_argument("--sampler", default=None, help="default: uniform at world 1, else loss-second-moment")
+    parser.add_argument("--set", action="append", default=[], metavar="train.FIELD=JSON",
+                        help="a lever field of the train section, e.g. train.compile=true")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="CPU threads shared by the ranks (OMP_NUM_THREADS = threads / world)")
+    parser.add_argument("--no-phases", dest="phases", action="store_false", help="skip the per-phase pass")
+    parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
+    parser.add_argument("--json", action="store_true", help="print results as JSON lines too")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--shards", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for item in args.set:
+        if not item.startswith("train.") or "=" not in item:
+            parser.error(f"--set takes train.FIELD=JSON, got {item!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    print(f"config: {CONFIG_LINE}; every ratio is against the bare fp32 loop timed in the same run")
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = make_shards(Path(tmp) / "digits")
+        for world in args.world:
+            result = launch(args, world, shards)
+            report(result)
+            if args.json:
+                print("JSON " + json.dumps(result))
     return 0
-
-
-def report(rates: dict, flops: int, peak: float, args) -> None:
-    """Medians over blocks, and the median of per-block ratios (each block pair ran back to
-    back, so a burst of machine noise mostly cancels in its ratio)."""
-    print(f"config: 32px 64ch 2 res blocks attn 16,8 learn_sigma cosine T=1000 dropout 0.1 batch {BATCH} "
-          f"{args.precision}, service ZeRO-{args.zero_stage} with {args.workers} loader worker(s), "
-          f"threads {torch.get_num_threads()}")
-    for name, label in (("bare", "bare torch loop"), ("service", "iddpm_ds service")):
-        value = statistics.median(rates[name])
-        achieved = flops * value / BATCH
-        blocks = ", ".join(f"{r:.2f}" for r in rates[name])
-        print(f"{label:>18}: {value:7.2f} img/s (blocks {blocks})  {achieved / 1e9:7.1f} GFLOP/s  "
-              f"MFU {achieved / peak:6.1%}")
-    print(f"FLOPs per step (fwd+bwd, counted): {flops / 1e9:.2f} GFLOP; "
-          f"dense matmul peak measured: {peak / 1e9:.1f} GFLOP/s")
-    paired = statistics.median(s / b for s, b in zip(rates["service"], rates["bare"]))
-    print(f"ratio service/bare: {paired:.3f} (median of per-block ratios; target >= 0.95)")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, result_out: TextIO) -> int:
     from iddpm_ds import dist
     from iddpm_ds.bpd import evaluate_shards
+    from iddpm_ds.models import at_precision
     from iddpm_ds.data import DataError
     from iddpm_ds.weights import SamplingError, load_weights, respaced
 
@@ -121,13 +122,15 @@ def run(args: argparse.Namespace, result_out: TextIO) -> int:
         data = data_spec(args)
         dist.log0("evaluate_start", source=str(loaded.source), weights=loaded.weights,
                   step=loaded.step, steps=diffusion.num_timesteps, world_size=dist.world_size())
-        result = evaluate_shards(loaded.model, diffusion, loaded.model_spec, data,
+        result = evaluate_shards(at_precision(loaded.model, args.precision), diffusion,
+                                 loaded.model_spec, data,
                                  batch_size=args.batch_size, device=dist.device(),
                                  num_samples=args.num_samples, clip_denoised=not args.no_clip,
                                  seed=args.seed, progress=not args.no_progress)
     except (SamplingError, DataError, OSError) as err:
         return fail(str(err))
     result = {"source": str(loaded.source), "weights": loaded.weights, "step": loaded.step,
+              "precision": args.precision,
               "respacing": args.respacing if args.respacing is not None
               else loaded.diffusion_spec.timestep_respacing, **result}
     if dist.is_main():

@@ -117,6 +117,7 @@ def run(args: argparse.Namespace, result_out: TextIO) -> int:
     from iddpm_ds import dist
     from iddpm_ds.image_sampler import (SampleOptions, check_labels, load_base_samples, sample,
                                         write_samples)
+    from iddpm_ds.models import at_precision
     from iddpm_ds.weights import SamplingError, load_weights, respaced
 
     try:
@@ -140,14 +141,17 @@ def run(args: argparse.Namespace, result_out: TextIO) -> int:
     sampler = "ddim" if use_ddim else "ddpm"
     dist.log0("sampling_start", source=str(loaded.source), weights=loaded.weights, step=loaded.step,
               respacing=respacing, steps=diffusion.num_timesteps, sampler=sampler, eta=opts.eta,
+              precision=args.precision,
               num_samples=opts.num_samples, world_size=dist.world_size())
-    result = sample(loaded.model, diffusion, loaded.model_spec, opts, dist.device())
+    model = at_precision(loaded.model, args.precision)
+    result = sample(model, diffusion, loaded.model_spec, opts, dist.device())
     if dist.is_main():
         out = args.out or default_out(args, loaded, respacing, sampler)
         npz, png = write_samples(result.images, result.labels, out, grid_count=args.grid_count)
         print(json.dumps({"npz": str(npz), "grid": str(png), "num_samples": opts.num_samples,
                           "shape": list(result.images.shape), "sampler": sampler,
                           "respacing": respacing, "steps": diffusion.num_timesteps,
+                          "precision": args.precision,
                           "weights": loaded.weights, "step": loaded.step, "seed": opts.seed,
                           "world_size": dist.world_size(), "seconds": round(result.seconds, 3),
                           "img_per_s": round(result.img_per_s, 3)}), file=result_out,

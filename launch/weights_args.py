@@ -29,6 +29,9 @@ def add_weights_args(parser: argparse.ArgumentParser, job_help: str = JOB_HELP) 
     add("--job", type=Path, help=job_help)
     add("--model-flags", nargs="+", action="extend", default=[], metavar="FLAGS",
         help='reference flags: "--image_size 64 --learn_sigma True" or image_size=64 ...')
+    add("--precision", choices=("fp32", "bf16", "bf16-mixed"), default="fp32",
+        help="fp32 (default); bf16: weights cast to bf16; bf16-mixed: fp32 weights, autocast "
+             "(the UNet's embeddings and output layer in fp32). Diffusion math stays fp32")
 
 
 def check_weights_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -37,11 +38,22 @@ def _start(job: Path, world: int) -> subprocess.Popen:
 
 
 def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it at once, as a dead node would: the
+    launcher's workers may sit in sessions of their own, so the process tree, not the
+    process group, says who belongs to the run."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for victim in [proc, *tree]:
+        try:
+            victim.send_signal(signal.SIGKILL) if isinstance(victim, subprocess.Popen) \
+                else victim.kill()
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
     proc.wait(timeout=60)
+    psutil.wait_procs(tree, timeout=60)
+    assert not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 def _logged_step(run_dir: Path) -> int:

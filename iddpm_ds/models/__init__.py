@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from ..spec.model import ModelSpec
-from .unet import SuperResModel, UNetModel
+from .precision import PRECISIONS, at_precision
+from .unet import SuperResModel, UNetModel, set_kernels
 
-__all__ = ["UNetModel", "SuperResModel", "build_model"]
+__all__ = ["UNetModel", "SuperResModel", "build_model", "set_kernels", "at_precision", "PRECISIONS"]
 
 
 def build_model(spec: ModelSpec) -> UNetModel:

@@ -2,8 +2,9 @@
 sinusoidal timestep embedding and the reference's multi-head QKV attention layout."""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -80,22 +81,44 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int,
     return emb
 
 
-def qkv_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+def float32_region(device: torch.device) -> ContextManager[Any]:
+    """Autocast off, so the block computes in float32 under precision bf16-mixed: the
+    reference's mixed precision keeps the timestep MLP, the embedding projections and the
+    output layer in fp32 and casts only the torso's convolutions (and attention)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+ATTENTION_KERNELS = ("sdpa", "math")
+
+
+def qkv_attention(qkv: torch.Tensor, num_heads: int, kernel: str = "sdpa") -> torch.Tensor:
     """Multi-head self-attention over the reference's qkv layout.
 
     qkv: [B, heads * 3 * ch, L]. The reference reshapes it to [B * heads, 3 * ch, L] and
     splits each head's block into q, k, v (ch channels each), i.e. channel
     head * 3 * ch + j * ch + c is component j (q, k, v) of channel c of that head.
     Returns softmax(q^T k / sqrt(ch)) applied to v, as [B, heads * ch, L] (head-major).
-    Runs through scaled_dot_product_attention (fused kernels on GPU; their softmax
-    accumulates in float32 as the reference's does).
+    kernel "sdpa": scaled_dot_product_attention (flash / memory-efficient kernels where
+    the device has them; their softmax accumulates in float32 as the reference's does);
+    "math": the reference's formula written out (q and k each scaled by ch^-1/4, softmax
+    in float32).
     """
     batch, width, length = qkv.shape
     ch = width // (3 * num_heads)
     # [B, L, heads, 3, ch] -> [3, B, heads, L, ch]: token-major, channel dim contiguous
     qkv = qkv.transpose(1, 2).reshape(batch, length, num_heads, 3, ch).permute(3, 0, 2, 1, 4)
     q, k, v = qkv.unbind(0)  # each [B, heads, L, ch]
-    out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, ch]
+    if kernel == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, ch]
+    elif kernel == "math":
+        scale = ch ** -0.25
+        weight = (q * scale) @ (k * scale).transpose(-1, -2)  # [B, heads, L, L]
+        weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
+        out = weight @ v  # [B, heads, L, ch]
+    else:
+        raise ValueError(f"unknown attention kernel {kernel!r}; one of {ATTENTION_KERNELS}")
     return out.permute(0, 1, 3, 2).reshape(batch, num_heads * ch, length)  # [B, heads*ch, L]
 
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .nn import (
-    GROUPS, avg_pool_nd, checkpoint, conv_nd, linear, normalization, qkv_attention,
-    timestep_embedding, zero_module,
+    ATTENTION_KERNELS, GROUPS, avg_pool_nd, checkpoint, conv_nd, float32_region, linear,
+    normalization, qkv_attention, timestep_embedding, zero_module,
 )
 
 
@@ -105,8 +105,9 @@ class ResBlock(TimestepBlock):
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)  # [N, C_out, *spatial]
-        emb = emb.to(self.emb_layers[1].weight.dtype)
-        emb_out = self.emb_layers(emb).to(h.dtype)  # [N, C_out or 2 * C_out]
+        with float32_region(emb.device):
+            emb = emb.to(self.emb_layers[1].weight.dtype)
+            emb_out = self.emb_layers(emb).to(h.dtype)  # [N, C_out or 2 * C_out]
         emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.dim() - 2)))  # [N, C', 1, 1]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
@@ -127,6 +128,7 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"attention over {channels} channels cannot be split into "
                              f"{num_heads} heads (channels must be divisible by num_heads)")
         self.channels, self.num_heads, self.use_checkpoint = channels, num_heads, use_checkpoint
+        self.kernel = "sdpa"  # set_kernels(); not a weight, not in the state dict
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
@@ -138,7 +140,7 @@ class AttentionBlock(nn.Module):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)  # [B, C, L]; reshape, not view: x may be channels_last
         qkv = self.qkv(self.norm(x))  # [B, 3C, L]
-        h = self.proj_out(qkv_attention(qkv, self.num_heads))  # [B, C, L]
+        h = self.proj_out(qkv_attention(qkv, self.num_heads, self.kernel))  # [B, C, L]
         return (x + h).reshape(b, c, *spatial)
 
 
@@ -203,6 +205,7 @@ class UNetModel(nn.Module):
         self.use_checkpoint, self.num_heads = use_checkpoint, num_heads
         self.num_heads_upsample = num_heads_upsample
         self.use_scale_shift_norm = use_scale_shift_norm
+        self.channels_last = False  # set_kernels(); activations' memory format only
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
@@ -280,11 +283,14 @@ class UNetModel(nn.Module):
             raise ValueError("pass y (class labels) if and only if the model is class-conditional "
                              f"(num_classes={self.num_classes}, y given: {y is not None})")
         t_emb = timestep_embedding(timesteps, self.model_channels)  # [N, mc], float32
-        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))  # [N, 4 mc]
+        with float32_region(x.device):
+            emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))  # [N, 4 mc]
         if y is not None:
             emb = emb + self.label_emb(y).to(emb.dtype)
         hs = []
         h = x.to(self.inner_dtype)
+        if self.channels_last and h.dim() == 4:
+            h = h.contiguous(memory_format=torch.channels_last)
         for module in self.input_blocks:
             h = module(h, emb)
             hs.append(h)
@@ -292,7 +298,23 @@ class UNetModel(nn.Module):
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb)
         h = h.to(self.out[2].weight.dtype)
-        return self.out(h).to(x.dtype)
+        with float32_region(x.device):
+            return self.out(h).to(x.dtype)
+
+
+def set_kernels(model: nn.Module, attention: str = "sdpa", channels_last: bool = False) -> nn.Module:
+    """Speed options that change no weight and no result beyond rounding: the attention
+    kernel of every AttentionBlock, and channels_last activations and conv weights."""
+    if attention not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown attention kernel {attention!r}; one of {ATTENTION_KERNELS}")
+    for module in model.modules():
+        if isinstance(module, AttentionBlock):
+            module.kernel = attention
+        if isinstance(module, UNetModel):
+            module.channels_last = channels_last
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 class SuperResModel(UNetModel):

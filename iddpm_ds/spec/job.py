@@ -32,6 +32,8 @@ SPEC_OWNED = {
     "bf16.enabled": "precision",
     "fp16.enabled": "precision",
     "amp": "precision",
+    "torch_autocast.enabled": "precision",
+    "torch_autocast.dtype": "precision",
     "zero_optimization.stage": "deepspeed.zero_stage",
 }
 
@@ -74,6 +76,23 @@ class TrainSpec(Spec):
     """Stop after this many optimizer steps (default: lr_anneal_steps, else run until stopped)."""
     seed: int = Field(0, ge=0, lt=2**32)
     """Seed for model init (same on all ranks) and, offset by rank, for noise, t and data order."""
+    compile: bool = False
+    """torch.compile the model through DeepSpeed's engine (`engine.compile()`, inductor
+    backend): forward and backward run as generated fused kernels. The first steps are slow
+    while it compiles (minutes for large models); weights, checkpoints and numerics
+    (up to kernel rounding) are unchanged."""
+    channels_last: bool = False
+    """Feed the model channels_last (NHWC) activations and keep conv weights that way: the
+    layout GPU tensor cores and CPU oneDNN convolutions run fastest on. Same results."""
+    adamw_kernel: Literal["fused", "foreach", "loop"] = "fused"
+    """torch AdamW implementation: "fused" (one kernel for all tensors; the only one that
+    lets the divergence guard skip a step on the device, the others make it read its
+    verdict on the host every step), "foreach" (batched ops) or "loop" (one tensor at a
+    time). Same update. Not with deepspeed.offload_optimizer (DeepSpeed's CPU Adam)."""
+    attention_kernel: Literal["sdpa", "math"] = "sdpa"
+    """Self-attention kernel: "sdpa" (torch's scaled_dot_product_attention, flash /
+    memory-efficient kernels where the device has them) or "math" (the reference's explicit
+    q k^T, float32 softmax, times v). Same result up to rounding."""
     schedule_sampler: SamplerSpec = SamplerSpec()
     """Timestep sampler: "uniform" or "loss-second-moment" (or a mapping with its options)."""
     log_interval: int = Field(10, ge=1)
@@ -219,8 +238,11 @@ class JobSpec(Spec):
     """Training (and held-out) WebDataset shards."""
     train: TrainSpec
     """Optimisation, batch sizes, intervals."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Training precision; bf16/fp16 keep fp32 master weights (fp16 with dynamic loss scaling, GPU only)."""
+    precision: Literal["fp32", "bf16", "bf16-mixed", "fp16"] = "fp32"
+    """Training precision. bf16/fp16 cast the whole model to 16 bit and keep fp32 master
+    weights (fp16 with dynamic loss scaling, GPU only). bf16-mixed is the reference's
+    scheme: fp32 weights, the UNet torso's convolutions and attention autocast to bf16, the
+    timestep/label embeddings, norms and output layer in fp32."""
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """Engine settings."""
     distributed: DistributedSpec = DistributedSpec()
@@ -258,6 +280,10 @@ class JobSpec(Spec):
                 f"{self.model.learn_sigma}: one flag drives both; set it in one section"))
         if self.train.eval_interval and not self.data.eval_shards:
             raise FieldError("train.eval_interval", "needs data.eval_shards")
+        if self.deepspeed.offload_optimizer and "adamw_kernel" in self.train.model_fields_set:
+            raise FieldError("train.adamw_kernel", (
+                "does not apply with deepspeed.offload_optimizer (DeepSpeed's CPU Adam steps "
+                "the optimizer); remove one of them"))
         for field in ("sample_respacing", "eval_respacing"):
             value = getattr(self.train, field)
             try:

@@ -113,4 +113,23 @@ def render_ds_config(job: JobSpec, world_size: int, has_gpu: bool) -> dict[str, 
         "fp16": {"enabled": job.precision == "fp16"},
         "zero_optimization": {"stage": job.deepspeed.zero_stage},
     })
-    return config
+    return deep_merge(config, _speed_settings(job))
+
+
+# torch.optim.AdamW keyword arguments per train.adamw_kernel (DeepSpeed passes them on)
+ADAMW_KERNEL = {"fused": {"fused": True, "foreach": None}, "foreach": {"fused": False, "foreach": True},
+                "loop": {"fused": False, "foreach": False}}
+
+
+def _speed_settings(job: JobSpec) -> dict[str, Any]:
+    """Precision autocast and optimizer kernel: the spec's speed levers that live in the
+    DeepSpeed config (compile, channels_last and attention act on the model, engine.py)."""
+    out: dict[str, Any] = {}
+    if job.precision == "bf16-mixed":
+        # fp32 weights and gradients; DeepSpeed wraps forward in torch.autocast(bf16). The
+        # UNet keeps its fp32 regions itself (unet.py); bf16-mixed.json names the modules
+        # whose gradients may be communicated in bf16 (the convolutions, as the reference)
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if not job.deepspeed.offload_optimizer:
+        out["optimizer"] = {"params": ADAMW_KERNEL[job.train.adamw_kernel]}
+    return out

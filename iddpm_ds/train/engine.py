@@ -7,11 +7,13 @@ from typing import Any, Callable
 import torch
 
 from .. import dist
-from ..models import build_model
+from ..models import build_model, set_kernels
 from ..spec.job import JobSpec, TrainSpec
 from .ds_config import BatchSizes, render_ds_config, resolve_batch
 
-COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# dtype the model's input is cast to; bf16-mixed keeps fp32 weights and autocasts inside
+COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32,
+                 "fp16": torch.float16}
 
 
 def lr_factor(train: TrainSpec) -> Callable[[int], float]:
@@ -45,10 +47,13 @@ def build_engine(job: JobSpec) -> EngineBundle:
     ds_config = render_ds_config(job, world, dist.has_gpu())
     torch.manual_seed(job.train.seed)
     model = build_model(job.model)
+    set_kernels(model, attention=job.train.attention_kernel, channels_last=job.train.channels_last)
     factor = lr_factor(job.train)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+    if job.train.compile:  # compiles engine.module in place: state-dict keys stay the same
+        engine.compile()
     return EngineBundle(engine=engine, sizes=resolve_batch(job.train, world),
                         ds_config=ds_config, dtype=COMPUTE_DTYPE[job.precision])
 

@@ -13,7 +13,7 @@ def model_state_bytes(num_params: int, job: JobSpec, world_size: int) -> dict[st
     gradients, 3 also the weights. The EMA follows the masters' layout (sharded from 1 on).
     """
     p, n, stage = num_params, world_size, job.deepspeed.zero_stage
-    mixed = job.precision != "fp32"
+    mixed = job.precision in ("bf16", "fp16")  # bf16-mixed keeps fp32 weights and gradients
     weight, grad, opt = (2, 2, 12) if mixed else (4, 4, 8)
     ema = 4 * len(job.train.ema_rate)
     shard = {"weights": stage >= 3, "grads": stage >= 2, "optimizer": stage >= 1, "ema": stage >= 1}

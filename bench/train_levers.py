@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""The speed levers, one row each and combined, against the bare fp32 loop.
+
+Every row is a fresh process (torch.compile caches and DeepSpeed's autocast state are
+process-wide) running bench/train_throughput.py's worker at world size 1: the service
+with that row's job fields and the bare fp32 loop (bench/common.py), in alternating timed
+blocks. Each row's ratio is service img/s / bare fp32 img/s measured in that same process,
+so rows compare like for like even when the machine's load drifts between rows.
+
+Targets (issue 14, on the 2-core development VM): bf16 >= 2.2x and fp32 >= 1.13x the bare
+fp32 loop (which is about 1.15x faster than the original improved-diffusion TrainLoop,
+so these are 2.5x and 1.3x that loop).
+
+    python bench/train_levers.py                 # every row (~10 min on 2 cores)
+    python bench/train_levers.py --rows fp32 "fp32 all levers"
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BATCH, CONFIG_LINE, make_shards, paired_ratio  # noqa: E402
+from train_throughput import launch  # noqa: E402
+
+OFF = ["train.adamw_kernel=\"loop\""]  # torch AdamW's own default on CPU: the levers-off service
+ALL = ["train.adamw_kernel=\"fused\"", "train.channels_last=true", "train.compile=true"]
+ROWS: dict[str, tuple[str, list[str], str]] = {
+    # name: (precision, job fields, where the gain comes from)
+    "fp32": ("fp32", OFF, "baseline: the service with every lever off"),
+    "fp32 fused AdamW": ("fp32", ["train.adamw_kernel=\"fused\""],
+                         "one optimizer kernel over all ~200 tensors instead of a Python loop"),
+    "fp32 foreach AdamW": ("fp32", ["train.adamw_kernel=\"foreach\""], "batched optimizer ops"),
+    "fp32 channels_last": ("fp32", OFF + ["train.channels_last=true"],
+                           "NHWC convolutions (oneDNN's native layout), no reorders"),
+    "fp32 math attention": ("fp32", OFF + ["train.attention_kernel=\"math\""],
+                            "explicit matmul + softmax instead of SDPA's CPU kernel"),
+    "fp32 compile": ("fp32", OFF + ["train.compile=true"],
+                     "inductor fuses the element-wise work (GroupNorm, SiLU, scale-shift, losses "
+                     "stay eager) and removes Python overhead"),
+    "fp32 all levers": ("fp32", ALL, "fused AdamW + channels_last + compile"),
+    "bf16": ("bf16", OFF, "bf16 weights and activations (whole-module cast): bf16 matmul/conv"),
+    "bf16-mixed": ("bf16-mixed", OFF, "autocast: fp32 weights, bf16 torso convs, fp32 regions"),
+    "bf16 all levers": ("bf16", ALL, "bf16 + fused AdamW + channels_last + compile"),
+    "bf16-mixed all levers": ("bf16-mixed", ALL, "bf16-mixed + fused AdamW + channels_last + compile"),
+}
+
+
+def run_row(name: str, shards: Path, args) -> dict:
+    precision, fields, _ = ROWS[name]
+    row_args = SimpleNamespace(precision=precision, zero_stage=0, workers=args.workers,
+                               steps=args.steps, blocks=args.blocks, warmup=args.warmup,
+                               sampler="uniform", phases=False, flops=False, set=fields,
+                               threads=args.threads)
+    return launch(row_args, 1, shards)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--steps", type=int, default=4, help="steps per timed block")
+    parser.add_argument("--blocks", type=int, default=5, help="alternating timed blocks per loop")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    parser.add_argument("--workers", type=int, default=1, help="loader worker processes")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (OMP_NUM_THREADS)")
+    args = parser.parse_args()
+    print(f"config: {CONFIG_LINE}; service ZeRO-0, uniform sampler, world size 1, "
+          f"{args.workers} loader worker(s), {args.threads} threads")
+    print(f"{'row':<24} {'service img/s':>13} {'bare fp32 img/s':>15} {'ratio':>6} {'warm-up s':>9}  gain from")
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = make_shards(Path(tmp) / "digits")
+        for name in args.rows:
+            result = run_row(name, shards, args)
+            times = result["times"]
+            service, bare = (BATCH / statistics.median(times[k]) for k in ("service", "bare"))
+            ratio = paired_ratio(times["service"], times["bare"])
+            print(f"{name:<24} {service:13.2f} {bare:15.2f} {ratio:6.2f} "
+                  f"{result['warmup_s']['service']:9.1f}  {ROWS[name][2]}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
