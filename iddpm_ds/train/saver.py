@@ -1,6 +1,7 @@
 """Writing one complete checkpoint of every registered piece (all ranks take part)."""
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,11 @@ def save_checkpoint(registry: StateRegistry, ckpt_dir: Path, step: int, meta: di
     start = time.perf_counter()
     tag = ckpt.tag_for(step)
     tag_dir = ckpt_dir / tag
+    if dist.is_main() and tag_dir.is_dir() and not ckpt.is_complete(tag_dir):
+        # a killed save of this step, maybe at another world size: its stray shards
+        # (zero_pp_rank_N of a rank that no longer exists) would poison conversion
+        shutil.rmtree(tag_dir)
+    dist.wait_for_main("clearing a partial checkpoint")
     tag_dir.mkdir(parents=True, exist_ok=True)
     replicated: dict[str, Any] = {"meta": {**meta, "step": step}}
     mine: dict[str, Any] = {}
