@@ -99,22 +99,37 @@ def is_stale(lock: Path, recheck_s: float = 1.0) -> bool:
     return _identity(lock) == first and not holders(lock)
 
 
-def wait_for_builds(root: Path, timeout_s: float, poll_s: float = 1.0) -> None:
-    """Return once no build under `root` is in progress; raise StaleBuildLock for a lock that
-    nobody holds, or one still held after `timeout_s` (a build that never ends)."""
+def wait_for_lock(lock: Path, timeout_s: float, poll_s: float = 1.0) -> None:
+    """Return once `lock` is gone (its build finished); raise StaleBuildLock when nobody holds
+    it, or when it is still held after `timeout_s` (a build that never ends)."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        locks = build_locks(root)
-        if not locks:
-            return
-        for lock in locks:
-            if is_stale(lock):
-                raise StaleBuildLock(
-                    f"stale build lock {lock}: a process killed while building DeepSpeed's "
-                    f"{lock.parent.name} op left it, and every run would wait for it forever; "
-                    f"no process holds it: remove it (rm {lock}) and start again")
+    while lock.exists():
+        if is_stale(lock):
+            raise StaleBuildLock(
+                f"stale build lock {lock}: a process killed while building DeepSpeed's "
+                f"{lock.parent.name} op left it, and every run would wait for it forever; "
+                f"no process holds it: remove it (rm {lock}) and start again")
         if time.monotonic() > deadline:
-            held = ", ".join(f"{lock} (pid {holders(lock) or '?'})" for lock in locks)
-            raise StaleBuildLock(f"DeepSpeed op build still running after {timeout_s:.0f} s: {held}; "
-                                 f"if that process hangs, end it and remove the lock file")
+            raise StaleBuildLock(
+                f"DeepSpeed op build still running after {timeout_s:.0f} s: {lock} "
+                f"(pid {holders(lock) or '?'}); if that process hangs, end it and remove the lock file")
         time.sleep(poll_s)
+
+
+def guard_builds(timeout_s: float) -> None:
+    """Make every JIT build wait of this process bounded and stale-aware. The check happens
+    where torch waits (FileBaton.wait, called only for an op this run actually loads), so a
+    stale lock of an op the job never uses cannot stop it."""
+    import torch.utils.cpp_extension as cpp_extension
+    from torch.utils.file_baton import FileBaton
+
+    class _GuardedBaton(FileBaton):
+        def wait(self) -> None:
+            wait_for_lock(Path(self.lock_file_path), timeout_s)
+
+    cpp_extension.FileBaton = _GuardedBaton
+
+
+def stale_locks(root: Path) -> list[Path]:
+    """The build locks under `root` that nobody holds (for a warning at start-up)."""
+    return [lock for lock in build_locks(root) if is_stale(lock, recheck_s=0.2)]

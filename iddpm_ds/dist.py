@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as torch_dist
 
-from .build_locks import StaleBuildLock, wait_for_builds
+from .build_locks import StaleBuildLock, guard_builds, stale_locks
 from .placement import Layout, PlacementError, gpu_index, plan_layout, tasks_on_node
 from .spec.distributed import DistributedSpec
 
@@ -102,7 +102,8 @@ def init(spec: DistributedSpec = DistributedSpec()) -> None:
     A lone process gets a one-rank gloo/nccl group on a free local port, so the rest of
     the code never branches on "distributed or not". Every collective (and the start-up
     rendezvous) waits at most `spec.collective_timeout_s` for the other ranks. Raises
-    PlacementError (no GPU for this rank) or StaleBuildLock before any rank waits on it.
+    PlacementError (no GPU for this rank) before any rank waits on it; from here on, a JIT
+    build of a DeepSpeed op that meets a stale lock raises StaleBuildLock (guard_builds).
     """
     global _spec, _long_wait_group
     if torch_dist.is_available() and torch_dist.is_initialized():
@@ -116,7 +117,8 @@ def init(spec: DistributedSpec = DistributedSpec()) -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     _place_on_device()
-    wait_for_builds(extensions_dir(), spec.long_wait_timeout_s)  # a live build is solo work too
+    guard_builds(spec.long_wait_timeout_s)  # a live build is solo work too
+    _warn_stale_locks()
     import deepspeed  # imported late: it is slow and prints accelerator banners
 
     _bound_later_groups(collective_timeout())
@@ -160,6 +162,17 @@ def _skip_shm_op() -> None:
 
     if get_accelerator().device_name() == "cpu":  # the only accelerator that builds it
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _warn_stale_locks() -> None:
+    """A stale lock stops only a run that loads its op (guard_builds); say so for the others,
+    once per node, so that the lock is removed before a job that needs the op meets it."""
+    if local_rank() != 0:
+        return
+    for lock in stale_locks(extensions_dir()):
+        print(f"warning: stale build lock {lock} (DeepSpeed's {lock.parent.name} op; this job does "
+              f"not load it): a job that loads it would stop; remove it (rm {lock})",
+              file=sys.stderr, flush=True)
 
 
 def extensions_dir() -> Path:
@@ -314,10 +327,24 @@ def session(spec: DistributedSpec) -> Iterator[None]:
             _error_line(str(err))
         raise SystemExit(EXIT_BAD_SETUP) from None
     except RuntimeError as err:
+        stale = _stale_lock_cause(err)  # DeepSpeed re-raises a failed op load as its own error
+        if stale is not None:
+            if local_rank() == 0:
+                _error_line(str(stale))
+            raise SystemExit(EXIT_BAD_SETUP) from None
         if not isinstance(err, CollectiveFailure) and not is_group_failure(err):
             raise
         _error_line(str(err) if isinstance(err, CollectiveFailure) else describe_failure(err))
         raise SystemExit(COLLECTIVE_FAILED_EXIT) from None
+
+
+def _stale_lock_cause(err: BaseException) -> Optional[StaleBuildLock]:
+    seen: Optional[BaseException] = err
+    while seen is not None:
+        if isinstance(seen, StaleBuildLock):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _error_line(message: str) -> None:

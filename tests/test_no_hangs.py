@@ -157,14 +157,9 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("builder,op", [("ShareMemCommBuilder", "deepspeed_shm_comm"),
-                                        ("CPUAdamBuilder", "cpu_adam")])
-def test_build_killed_mid_way_is_reported_not_waited_on(tmp_path, digits_shards, builder, op):
-    """kill -9 during DeepSpeed's JIT build of an op (in a private extensions folder): the
-    lock stays, and a later builder waits for it forever; training instead exits 2 with
-    one line naming the file and the fix."""
-    extensions = tmp_path / "torch_extensions"
+def _killed_build(builder: str, op: str, extensions: Path) -> Path:
+    """kill -9 DeepSpeed's JIT build of an op (in a private extensions folder): the lock
+    stays, and a later plain builder waits for it forever (the hang being guarded against)."""
     lock = extensions / op / "lock"
     first = _build_op(builder, extensions)
     try:
@@ -172,25 +167,50 @@ def test_build_killed_mid_way_is_reported_not_waited_on(tmp_path, digits_shards,
     finally:
         _kill(first)
     assert lock.exists()
-    second = _build_op(builder, extensions)  # the hang being guarded against
+    second = _build_op(builder, extensions)
     try:
         with pytest.raises(subprocess.TimeoutExpired):
             second.wait(timeout=20)
     finally:
         _kill(second)
-    job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": 1})
+    return lock
+
+
+def _train_with(extensions: Path, job: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(train_cmd(1, "--job", str(job), launcher="python"), capture_output=True,
+    return subprocess.run(train_cmd(1, "--job", str(job), launcher="python"), capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.slow
+def test_build_killed_mid_way_stops_a_job_that_loads_the_op_with_one_line(tmp_path, digits_shards):
+    """optimizer offload loads cpu_adam: a stale lock on it exits 2 naming the file and the fix."""
+    extensions = tmp_path / "torch_extensions"
+    lock = _killed_build("CPUAdamBuilder", "cpu_adam", extensions)
+    job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": 1, "deepspeed.zero_stage": 1,
+                                               "deepspeed.offload_optimizer": True})
+    proc = _train_with(extensions, job)
     assert proc.returncode == 2, proc.stderr[-4000:]
     errors = _error_lines(proc.stderr)
     assert len(errors) == 1 and f"stale build lock {lock}" in errors[0], proc.stderr[-4000:]
     assert f"rm {lock}" in errors[0] and "Traceback" not in proc.stderr
-    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_stale_lock_of_an_op_the_job_never_loads_is_a_warning(tmp_path, digits_shards):
+    """The CPU shm op is not built by training: its stale lock must not stop a job (a CI
+    machine whose cache held one failed every training test), only be named for removal."""
+    extensions = tmp_path / "torch_extensions"
+    lock = _killed_build("ShareMemCommBuilder", "deepspeed_shm_comm", extensions)
+    job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": 1})
+    proc = _train_with(extensions, job)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"warning: stale build lock {lock}" in proc.stderr and f"rm {lock}" in proc.stderr
+    assert lock.exists()  # not ours to remove: another process's build may own the folder
 
 
 def test_lock_held_open_is_live_and_an_orphan_is_stale(tmp_path):
-    from iddpm_ds.build_locks import StaleBuildLock, is_stale, wait_for_builds
+    from iddpm_ds.build_locks import StaleBuildLock, is_stale, stale_locks, wait_for_lock
 
     lock = tmp_path / "cpu_adam" / "lock"
     lock.parent.mkdir()
@@ -198,11 +218,13 @@ def test_lock_held_open_is_live_and_an_orphan_is_stale(tmp_path):
     try:
         assert not is_stale(lock, recheck_s=0.1)
         with pytest.raises(StaleBuildLock, match="still running after 1 s"):
-            wait_for_builds(tmp_path, timeout_s=1, poll_s=0.2)
+            wait_for_lock(lock, timeout_s=1, poll_s=0.2)
+        assert stale_locks(tmp_path) == []
     finally:
         os.close(fd)  # the builder died: nobody holds it now
     assert is_stale(lock, recheck_s=0.1)
+    assert stale_locks(tmp_path) == [lock]
     with pytest.raises(StaleBuildLock, match=f"stale build lock {lock}.*rm {lock}"):
-        wait_for_builds(tmp_path, timeout_s=60)
+        wait_for_lock(lock, timeout_s=60)
     lock.unlink()
-    wait_for_builds(tmp_path, timeout_s=1)  # nothing left to wait for
+    wait_for_lock(lock, timeout_s=1)  # nothing left to wait for
