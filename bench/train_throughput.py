@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (BATCH, CONFIG_LINE, Bare, PhaseClock, interleaved, make_job,  # noqa: E402
-                    make_shards, matmul_peak, paired_ratio, step_flops)
+                    make_shards, matmul_peak, paired_ratio, step_flops, timed)
 
 PHASES = ["data wait", "forward (losses)", "backward", "sampler (sample + update)", "optimizer step",
           "EMA", "divergence guard", "metrics + preemption check"]
@@ -97,42 +97,42 @@ def phase_pass(steps: dict, clocks: dict, n: int, device, barrier) -> dict[str, 
 
 def worker(args) -> None:
     from iddpm_ds import dist
-    from iddpm_ds.train.trainer import Trainer
 
     dist.init()
     world, device = dist.world_size(), dist.device()
-    barrier = dist.barrier if world > 1 else (lambda: None)
     sampler = args.sampler or ("uniform" if world == 1 else "loss-second-moment")
     train = {k.split(".", 1)[1]: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    with tempfile.TemporaryDirectory() as tmp:
-        job = make_job(Path(args.shards), Path(tmp) / "run", precision=args.precision,
-                       stage=args.zero_stage, workers=args.workers, sampler=sampler, train=train)
-        peak = matmul_peak(torch.bfloat16 if "bf16" in args.precision else torch.float32, device)
-        trainer = Trainer(job)
-        trainer._batches = iter(trainer.data)
-        clocks = {"bare": PhaseClock(device), "service": PhaseClock(device)}
-        instrument_service(trainer, clocks["service"])
-        bare = Bare(job, device, world)
-        steps = {"bare": bare_step(bare, clocks["bare"]), "service": service_step(trainer)}
-        warm = {name: _warm_up(step, args.warmup, device) for name, step in steps.items()}
-        times = interleaved(steps, args.blocks, args.steps, device, barrier)
-        phases = phase_pass(steps, clocks, args.steps, device, barrier) if args.phases else {}
-        flops = step_flops(steps["bare"]) if args.flops else 0
-        trainer.data.close()
-    times = {k: _slowest_rank(v, world) for k, v in times.items()}
+    job = make_job(Path(args.shards), Path(args.run_dir), precision=args.precision,  # nothing saved
+                   stage=args.zero_stage, workers=args.workers, sampler=sampler, train=train)
+    peak = matmul_peak(torch.bfloat16 if "bf16" in args.precision else torch.float32, device)
+    result = measure(job, args, world, device)
     if dist.is_main():
         print("RESULT " + json.dumps({
             "world": world, "sampler": sampler, "precision": args.precision, "stage": args.zero_stage,
             "workers": args.workers, "set": args.set, "threads": torch.get_num_threads(),
-            "times": times, "phases": phases, "warmup_s": warm, "flops": flops, "peak": peak,
-            "device": str(device)}), flush=True)
+            "peak": peak, "device": str(device), **result}), flush=True)
     dist.shutdown()
 
 
-def _warm_up(step, n: int, device) -> float:
-    """Allocator, loader workers, lazy kernels, compilation; returns its seconds."""
-    from common import timed
-    return timed(step, n, device) * n
+def measure(job, args, world: int, device) -> dict:
+    """Warm-up, interleaved timed blocks, then the per-phase pass, of both loops."""
+    from iddpm_ds import dist
+    from iddpm_ds.train.trainer import Trainer
+
+    barrier = dist.barrier if world > 1 else (lambda: None)
+    trainer = Trainer(job)
+    trainer._batches = iter(trainer.data)
+    clocks = {"bare": PhaseClock(device), "service": PhaseClock(device)}
+    instrument_service(trainer, clocks["service"])
+    bare = Bare(job, device, world)
+    steps = {"bare": bare_step(bare, clocks["bare"]), "service": service_step(trainer)}
+    warm = {name: timed(step, args.warmup, device) * args.warmup for name, step in steps.items()}
+    times = interleaved(steps, args.blocks, args.steps, device, barrier)
+    phases = phase_pass(steps, clocks, args.steps, device, barrier) if args.phases else {}
+    flops = step_flops(steps["bare"]) if args.flops and world == 1 else 0
+    trainer.data.close()
+    times = {k: _slowest_rank(v, world) for k, v in times.items()}
+    return {"times": times, "phases": phases, "warmup_s": warm, "flops": flops}
 
 
 def _slowest_rank(values: list[float], world: int) -> list[float]:
@@ -147,10 +147,12 @@ def _slowest_rank(values: list[float], world: int) -> list[float]:
 
 def launch(args, world: int, shards: Path) -> dict:
     """One run of `world` processes (torchrun); returns rank 0's result."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(world), __file__, "--worker", "--shards", str(shards)] + passthrough(args)
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // world))}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    with tempfile.TemporaryDirectory() as run_dir:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(world), __file__, "--worker", "--shards", str(shards), "--run-dir",
+               run_dir] + passthrough(args)
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // world))}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -218,6 +220,7 @@ def parse(argv: list[str] | None = None):
     parser.add_argument("--json", action="store_true", help="print results as JSON lines too")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shards", help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for item in args.set:
         if not item.startswith("train.") or "=" not in item:

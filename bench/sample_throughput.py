@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Sampling and evaluation throughput: DDIM-50 img/s and bits/dim-eval img/s, split over 1
+and 2 ranks, in fp32, bf16 and bf16-mixed.
+
+The bench config's model (bench/common.py; weights as initialised, which does not change
+the work) runs through the package's own entry points, as iddpm-sample and iddpm-evaluate
+call them: image_sampler.sample (DDIM, 50 respaced steps, eta 0, per-image noise) and
+bpd.evaluate_bpd (calc_bpd_loop over a 50-step respacing, the trainer's default
+eval_respacing; the full T=1000 bound costs 20x as much per image). Every cell is one
+launch of that many processes sharing --threads CPU threads; the ratios are against fp32
+at 1 rank in the same run. Images are split over ranks by batch, so 2 ranks on the same
+cores measure the split's overhead, and on 2 GPUs would double the rate.
+
+    python bench/sample_throughput.py [--images 32] [--batch 16] [--world 1 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DIFFUSION, MODEL  # noqa: E402
+
+PRECISIONS = ("fp32", "bf16", "bf16-mixed")
+TASKS = {"sample": ("ddim50_img_per_s", "DDIM-50 sampling"), "bpd": ("bpd_img_per_s", "bits/dim eval (50 steps)")}
+
+
+def worker(args) -> None:
+    from iddpm_ds import dist
+    from iddpm_ds.bpd import evaluate_bpd
+    from iddpm_ds.diffusion import build_diffusion
+    from iddpm_ds.image_sampler import SampleOptions, sample
+    from iddpm_ds.models import at_precision, build_model
+    from iddpm_ds.spec.diffusion import DiffusionSpec
+    from iddpm_ds.spec.model import ModelSpec
+
+    dist.init()
+    device, rank, world = dist.device(), dist.rank(), dist.world_size()
+    spec = ModelSpec(**MODEL)
+    torch.manual_seed(0)
+    model = at_precision(build_model(spec).to(device).eval(), args.precision)
+    out = {}
+    if "sample" in args.tasks:
+        ddim = build_diffusion(DiffusionSpec(**DIFFUSION, timestep_respacing="ddim50"))
+        opts = SampleOptions(num_samples=args.images, batch_size=args.batch, use_ddim=True, progress=False)
+        sample(model, ddim, spec, SampleOptions(num_samples=min(2, args.batch), batch_size=2,
+                                                use_ddim=True, progress=False), device)  # warm-up
+        out["ddim50_img_per_s"] = sample(model, ddim, spec, opts, device).img_per_s
+    if "bpd" in args.tasks:
+        respaced = build_diffusion(DiffusionSpec(**DIFFUSION, timestep_respacing="50"))
+        gen = torch.Generator().manual_seed(rank)
+        mine = [b for b in range(0, args.images, args.batch) if (b // args.batch) % world == rank]
+        batches = [(torch.rand(min(args.batch, args.images - b), 3, 32, 32, generator=gen) * 2 - 1, {})
+                   for b in mine]
+        dist.barrier()
+        start = time.perf_counter()
+        result = evaluate_bpd(model, respaced, batches, device=device)  # all-reduce at the end
+        out["bpd_img_per_s"] = result["num_samples"] / (time.perf_counter() - start)
+    if dist.is_main():
+        print("RESULT " + json.dumps(out), flush=True)
+    dist.shutdown()
+
+
+def launch(args, world: int, precision: str) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(world), __file__, "--worker", "--precision", precision, "--images", str(args.images),
+           "--batch", str(args.batch), "--tasks", *args.tasks]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // world))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise SystemExit(f"{precision} at world size {world} failed ({proc.returncode}):\n"
+                     f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=32, help="images per cell, over all ranks")
+    parser.add_argument("--batch", type=int, default=16, help="images per forward pass per rank")
+    parser.add_argument("--world", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    parser.add_argument("--tasks", nargs="+", default=["sample", "bpd"], choices=["sample", "bpd"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="CPU threads shared by the ranks")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    print(f"bench model (32 px, 64 ch, 2 res blocks, attention 16,8, learn_sigma); {args.images} "
+          f"images per cell, batch {args.batch} per rank, {args.threads} threads shared by the ranks")
+    keys = [TASKS[task] for task in args.tasks]
+    print(f"{'task':<26} {'precision':<11} " + " ".join(f"{f'{w} rank(s) img/s':>16}" for w in args.world)
+          + "   ratio to fp32 at 1 rank")
+    results = {(p, w): launch(args, w, p) for p in args.precisions for w in args.world}
+    base = results.get(("fp32", args.world[0]))
+    for key, label in keys:
+        for precision in args.precisions:
+            rates = [results[precision, w][key] for w in args.world]
+            ratios = [r / base[key] for r in rates] if base else []
+            print(f"{label:<26} {precision:<11} " + " ".join(f"{r:16.2f}" for r in rates)
+                  + "   " + " / ".join(f"{x:.2f}x" for x in ratios))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
