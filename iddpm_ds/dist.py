@@ -117,12 +117,11 @@ def init(spec: DistributedSpec = DistributedSpec()) -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     _place_on_device()
-    guard_builds(spec.long_wait_timeout_s)  # a live build is solo work too
     _warn_stale_locks()
+    prepare_deepspeed()
     import deepspeed  # imported late: it is slow and prints accelerator banners
 
     _bound_later_groups(collective_timeout())
-    _skip_shm_op()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=collective_timeout())
@@ -151,6 +150,15 @@ def _bound_later_groups(timeout: datetime.timedelta) -> None:
     distributed_c10d.default_pg_timeout = timeout
     if getattr(distributed_c10d, "default_pg_nccl_timeout", None) is not None:
         distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+def prepare_deepspeed() -> None:
+    """Before DeepSpeed starts its comm backend or builds an op (idempotent): every JIT-build
+    wait bounded and stale-aware, and the shm op never built. init() calls it; so does the
+    engine builder, for a process group that someone else made (a notebook, the tests),
+    where DeepSpeed's own init would otherwise build the shm op and wait on its lock forever."""
+    guard_builds(_spec.long_wait_timeout_s)  # a live build is solo work too
+    _skip_shm_op()
 
 
 def _skip_shm_op() -> None:

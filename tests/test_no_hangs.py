@@ -209,6 +209,30 @@ def test_stale_lock_of_an_op_the_job_never_loads_is_a_warning(tmp_path, digits_s
     assert lock.exists()  # not ours to remove: another process's build may own the folder
 
 
+@pytest.mark.slow
+def test_engine_in_a_group_made_elsewhere_never_waits_on_the_shm_lock(tmp_path, digits_shards):
+    """A process group made outside dist.init (a notebook, a test harness) and a stale
+    deepspeed_shm_comm lock: DeepSpeed's own comm init would build that op and wait on the
+    lock forever (it hung the last CI run 600 s per test); build_engine skips the op."""
+    extensions = tmp_path / "torch_extensions"
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()  # what a builder killed mid-build leaves: nobody holds it
+    job = tiny_job(tmp_path, digits_shards)
+    code = ("import torch.distributed as td; "
+            "td.init_process_group('gloo', rank=0, world_size=1); "
+            "from iddpm_ds.spec.job import load_job; from iddpm_ds.train.engine import build_engine; "
+            "build_engine(load_job(%r)); td.destroy_process_group(); print('engine built')"
+            % str(job))
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and "engine built" in proc.stdout, proc.stderr[-3000:]
+    assert lock.exists()
+
+
 def test_lock_held_open_is_live_and_an_orphan_is_stale(tmp_path):
     from iddpm_ds.build_locks import StaleBuildLock, is_stale, stale_locks, wait_for_lock
 

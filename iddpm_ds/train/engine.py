@@ -43,6 +43,7 @@ def build_engine(job: JobSpec) -> EngineBundle:
     lr schedule; DeepSpeed owns masters, loss scaling, accumulation and clipping."""
     import deepspeed
 
+    dist.prepare_deepspeed()
     world = dist.world_size()
     ds_config = render_ds_config(job, world, dist.has_gpu())
     torch.manual_seed(job.train.seed)
