@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,18 +75,22 @@ def test_layout_lists_each_local_rank_device():
         plan_layout(8, 1, 8, None, 4)
 
 
-def _check(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+def _check(env: dict[str, str], shards: Path) -> subprocess.CompletedProcess:
+    """--check of the demo job on the session's digits shards (--check opens the data; a
+    fresh clone has no data/digits)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "LOCAL_", "WORLD_", "CROSS_"))}
+    index = shards / "index.json"
     return subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--job",
-                           str(ROOT / "launch" / "jobs" / "digits.yaml"), "--check", *args],
+                           str(ROOT / "launch" / "jobs" / "digits.yaml"), "--check",
+                           "--set", f"data.shards={index}#train", "--set", f"data.eval_shards={index}#eval"],
                           capture_output=True, text=True, env={**base, **env}, cwd=ROOT, timeout=300)
 
 
-def test_check_prints_the_layout_of_a_launcher():
+def test_check_prints_the_layout_of_a_launcher(digits_shards):
     # what a deepspeed launcher with 2 nodes x 3 ranks sets for local rank 1 of node 1
     env = {"RANK": "4", "WORLD_SIZE": "6", "LOCAL_RANK": "1", "LOCAL_SIZE": "3", "CROSS_SIZE": "2",
            "CROSS_RANK": "1"}
-    proc = _check(env)
+    proc = _check(env, digits_shards)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "# layout: 6 rank(s) = 2 node(s) x 3 per node" in out
@@ -93,9 +98,9 @@ def test_check_prints_the_layout_of_a_launcher():
         assert f"local rank {local_rank} -> cpu" in out  # this test machine has no GPU
 
 
-def test_check_prints_the_layout_of_srun():
+def test_check_prints_the_layout_of_srun(digits_shards):
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
            "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
-    proc = _check(env)
+    proc = _check(env, digits_shards)
     assert proc.returncode == 0, proc.stderr
     assert "# layout: 4 rank(s) = 2 node(s) x 2 per node" in proc.stdout
