@@ -97,7 +97,7 @@ def test_set_kernels_changes_no_result():
     model, x, t, kwargs = _model_and_inputs()
     expected = model(x, t, **kwargs)
     set_kernels(model, attention="math", channels_last=True)
-    assert model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(p.is_contiguous() for p in model.parameters())  # DeepSpeed views them as bytes
     out = model(x, t, **kwargs)  # a plain NCHW input: the model converts it
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

@@ -304,7 +304,10 @@ class UNetModel(nn.Module):
 
 def set_kernels(model: nn.Module, attention: str = "sdpa", channels_last: bool = False) -> nn.Module:
     """Speed options that change no weight and no result beyond rounding: the attention
-    kernel of every AttentionBlock, and channels_last activations and conv weights."""
+    kernel of every AttentionBlock, and channels_last activations. The weights keep their
+    contiguous layout: DeepSpeed broadcasts and flattens parameters as plain byte views,
+    which a channels_last weight refuses (world size > 1), and a convolution given a
+    channels_last input runs channels_last anyway."""
     if attention not in ATTENTION_KERNELS:
         raise ValueError(f"unknown attention kernel {attention!r}; one of {ATTENTION_KERNELS}")
     for module in model.modules():
@@ -312,8 +315,6 @@ def set_kernels(model: nn.Module, attention: str = "sdpa", channels_last: bool =
             module.kernel = attention
         if isinstance(module, UNetModel):
             module.channels_last = channels_last
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
     return model
 
 

@@ -82,8 +82,9 @@ class TrainSpec(Spec):
     while it compiles (minutes for large models); weights, checkpoints and numerics
     (up to kernel rounding) are unchanged."""
     channels_last: bool = False
-    """Feed the model channels_last (NHWC) activations and keep conv weights that way: the
-    layout GPU tensor cores and CPU oneDNN convolutions run fastest on. Same results."""
+    """Run the model's activations channels_last (NHWC), the layout GPU tensor cores and
+    CPU oneDNN convolutions run fastest on; weights keep their layout (DeepSpeed needs
+    contiguous parameters). Same results."""
     adamw_kernel: Literal["fused", "foreach", "loop"] = "fused"
     """torch AdamW implementation: "fused" (one kernel for all tensors; the only one that
     lets the divergence guard skip a step on the device, the others make it read its
