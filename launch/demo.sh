@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fresh machine -> a trained demo model: set up .venv, write the bundled digits shards,
 # train launch/jobs/digits.yaml (class-conditional 32 px IDDPM,
-# about 5 minutes on 2 CPU cores). Every stage is announced before it starts, with what it
+# about 9 minutes on 2 CPU cores at ~90 img/s). Every stage is announced before it starts, with what it
 # costs, so no stretch of the run is silent without an explanation.
 # Re-running resumes from runs/digits (delete it to start over). Extra args go to
 # launch/train.py, e.g. `bash launch/demo.sh --set train.lr_anneal_steps=1000`.
@@ -28,8 +28,8 @@ fi
 
 NPROC=${NPROC:-1}
 stage 3/3 "training launch/jobs/digits.yaml on $NPROC process(es): start-up ~10 s, then one \
-progress line every 25 steps (loss, img/s, eta); pauses ~5 s for each sample grid and \
-~20 s for the held-out bits/dim at the end"
+progress line every 25 steps (loss, img/s, eta); pauses ~25 s for each of the 2 sample grids (DDPM, 100 steps) and \
+~50 s for the held-out bits/dim at the end"
 if [ "$NPROC" -gt 1 ]; then
   deepspeed --num_gpus "$NPROC" --no_local_rank launch/train.py --job launch/jobs/digits.yaml "$@"
 else

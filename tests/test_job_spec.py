@@ -174,3 +174,10 @@ def test_missing_data_exits_2_and_writes_nothing(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "missing-000000.tar" in errors[0], proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "launch" / "jobs").glob("*.yaml")))
+def test_bundled_jobs_validate(name):
+    """The demo jobs (the paper's are in test_paper_jobs.py) load and pass every check."""
+    job = load_job(ROOT / "launch" / "jobs" / name)
+    assert job.model.image_size == 32
