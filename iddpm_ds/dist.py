@@ -22,7 +22,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NoReturn, Optional
 
 import torch
 import torch.distributed as torch_dist
@@ -331,19 +331,21 @@ def session(spec: DistributedSpec) -> Iterator[None]:
         yield
         shutdown()
     except (PlacementError, StaleBuildLock) as err:
-        if local_rank() == 0:  # every rank of the node sees the same problem
-            _error_line(str(err))
-        raise SystemExit(EXIT_BAD_SETUP) from None
+        _bad_setup(err)
     except RuntimeError as err:
         stale = _stale_lock_cause(err)  # DeepSpeed re-raises a failed op load as its own error
         if stale is not None:
-            if local_rank() == 0:
-                _error_line(str(stale))
-            raise SystemExit(EXIT_BAD_SETUP) from None
+            _bad_setup(stale)
         if not isinstance(err, CollectiveFailure) and not is_group_failure(err):
             raise
         _error_line(str(err) if isinstance(err, CollectiveFailure) else describe_failure(err))
         raise SystemExit(COLLECTIVE_FAILED_EXIT) from None
+
+
+def _bad_setup(err: BaseException) -> NoReturn:
+    if local_rank() == 0:  # every rank of the node sees the same problem
+        _error_line(str(err))
+    raise SystemExit(EXIT_BAD_SETUP) from None
 
 
 def _stale_lock_cause(err: BaseException) -> Optional[StaleBuildLock]:

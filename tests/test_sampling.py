@@ -317,6 +317,18 @@ def _cli(script: str, *args: str, launcher: list[str] | None = None) -> subproce
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
 
 
+def _sample_on_one_and_two_ranks(common: list[str], out_dir: Path) -> tuple[dict, dict]:
+    """`iddpm-sample` with the same arguments in 1 process and under torchrun with 2, into
+    out_dir/one.npz and out_dir/two.npz; returns both JSON reports."""
+    one = _cli("sample.py", *common, "--out", str(out_dir / "one.npz"))
+    two = _cli("sample.py", *common, "--out", str(out_dir / "two.npz"),
+               launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone",
+                         "--nproc_per_node", "2"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    return json.loads(one.stdout), json.loads(two.stdout)
+
+
 def _errors(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
 
@@ -379,13 +391,8 @@ def test_cli_under_torchrun_matches_one_process(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", *tiny_specs(class_cond=True, num_classes=6))
     common = ["--run-dir", str(run_dir), "--num-samples", "5", "--batch-size", "2",
               "--respacing", "5", "--seed", "4", "--no-progress"]
-    one = _cli("sample.py", *common, "--out", str(tmp_path / "one.npz"))
-    two = _cli("sample.py", *common, "--out", str(tmp_path / "two.npz"),
-               launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone",
-                         "--nproc_per_node", "2"])
-    assert one.returncode == 0, one.stderr[-2000:]
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert json.loads(two.stdout)["world_size"] == 2 and json.loads(one.stdout)["world_size"] == 1
+    one, two = _sample_on_one_and_two_ranks(common, tmp_path)
+    assert two["world_size"] == 2 and one["world_size"] == 1
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         assert a["arr_0"].shape == (5, 8, 8, 3) and np.array_equal(a["arr_0"], b["arr_0"])
         assert np.array_equal(a["arr_1"], b["arr_1"])

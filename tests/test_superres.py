@@ -52,7 +52,8 @@ from iddpm_ds.image_sampler import (BaseSamples, SampleOptions, load_base_sample
                                     sample)
 from iddpm_ds.weights import SamplingError, WeightsChoice, load_weights, respaced  # noqa: E402
 from test_evaluate import digit_images, write_shards  # noqa: E402
-from test_sampling import _cli, _errors, make_run, tiny_model, tiny_specs  # noqa: E402
+from test_sampling import (_cli, _errors, _sample_on_one_and_two_ranks, make_run,  # noqa: E402
+                           tiny_model, tiny_specs)
 
 CPU = torch.device("cpu")
 SR_16 = dict(image_size=16, small_size=8, attention_resolutions=(8,), class_cond=True,
@@ -111,13 +112,8 @@ def test_cascade_on_one_and_two_ranks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     common = ["--run-dir", str(sr_run), "--base-samples", str(tmp_path / "base.npz"),
               "--batch-size", "2", "--respacing", "4", "--seed", "3", "--no-progress"]
-    one = _cli("sample.py", *common, "--out", str(tmp_path / "one.npz"))
-    two = _cli("sample.py", *common, "--out", str(tmp_path / "two.npz"),
-               launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone",
-                         "--nproc_per_node", "2"])
-    assert one.returncode == 0, one.stderr[-2000:]
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert json.loads(one.stdout)["num_samples"] == 5  # all of the base samples by default
+    one, _ = _sample_on_one_and_two_ranks(common, tmp_path)
+    assert one["num_samples"] == 5  # all of the base samples by default
     with np.load(tmp_path / "base.npz") as base, np.load(tmp_path / "one.npz") as a, \
             np.load(tmp_path / "two.npz") as b:
         assert a["arr_0"].shape == (5, 16, 16, 3) and np.array_equal(a["arr_0"], b["arr_0"])
