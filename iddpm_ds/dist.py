@@ -22,7 +22,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterator, NoReturn, Optional
+from typing import Any, Iterator, NoReturn, Optional, TextIO
 
 import torch
 import torch.distributed as torch_dist
@@ -178,9 +178,8 @@ def _warn_stale_locks() -> None:
     if local_rank() != 0:
         return
     for lock in stale_locks(extensions_dir()):
-        print(f"warning: stale build lock {lock} (DeepSpeed's {lock.parent.name} op; this job does "
-              f"not load it): a job that loads it would stop; remove it (rm {lock})",
-              file=sys.stderr, flush=True)
+        write_line(f"warning: stale build lock {lock} (DeepSpeed's {lock.parent.name} op; this job "
+                   f"does not load it): a job that loads it would stop; remove it (rm {lock})")
 
 
 def extensions_dir() -> Path:
@@ -338,13 +337,13 @@ def session(spec: DistributedSpec) -> Iterator[None]:
             _bad_setup(stale)
         if not isinstance(err, CollectiveFailure) and not is_group_failure(err):
             raise
-        _error_line(str(err) if isinstance(err, CollectiveFailure) else describe_failure(err))
+        error_line(str(err) if isinstance(err, CollectiveFailure) else describe_failure(err))
         raise SystemExit(COLLECTIVE_FAILED_EXIT) from None
 
 
 def _bad_setup(err: BaseException) -> NoReturn:
     if local_rank() == 0:  # every rank of the node sees the same problem
-        _error_line(str(err))
+        error_line(str(err))
     raise SystemExit(EXIT_BAD_SETUP) from None
 
 
@@ -357,8 +356,18 @@ def _stale_lock_cause(err: BaseException) -> Optional[StaleBuildLock]:
     return None
 
 
-def _error_line(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+def write_line(text: str, stream: Optional[TextIO] = None) -> None:
+    """One line in one write call. Ranks of a node share the launcher's pipe, and print()
+    writes the text and its newline separately, so two ranks' lines could fuse into one;
+    a single write of under PIPE_BUF bytes reaches the pipe whole."""
+    stream = sys.stderr if stream is None else stream
+    stream.write(text + "\n")
+    stream.flush()
+
+
+def error_line(message: str) -> None:
+    """The one-line `error: ...` a user reads (this rank's; callers gate by rank)."""
+    write_line(f"error: {message}")
 
 
 def is_group_failure(err: BaseException) -> bool:
@@ -404,7 +413,13 @@ def _failed_call(err: BaseException) -> tuple[Optional[str], Optional[str]]:
 def print0(*args: Any, **kwargs: Any) -> None:
     """print() on rank 0 only; the single gate for rank-dependent console output."""
     if is_main():
-        print(*args, **kwargs, flush=True)
+        sep, end = kwargs.pop("sep", " "), kwargs.pop("end", "\n")
+        stream = kwargs.pop("file", None) or sys.stdout
+        if kwargs:
+            raise TypeError(f"print0: unexpected arguments {sorted(kwargs)}")
+        text = sep.join(str(a) for a in args) + end
+        stream.write(text)  # one write: see write_line
+        stream.flush()
 
 
 def log0(event: str, **fields: Any) -> None:
@@ -416,7 +431,7 @@ def log0(event: str, **fields: Any) -> None:
 def log(event: str, **fields: Any) -> None:
     """One structured log line from this rank (use for per-rank warnings/errors)."""
     record = {"event": event, "time": round(time.time(), 3), "rank": rank(), **fields}
-    print(json.dumps(record, default=str), file=sys.stderr, flush=True)
+    write_line(json.dumps(record, default=str))
 
 
 def slurm_facts() -> dict[str, str]:

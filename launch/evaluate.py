@@ -64,7 +64,7 @@ def fail(message: str) -> int:
     from iddpm_ds import dist
 
     if dist.is_main():
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        dist.error_line(message)
     return EXIT_BAD_INPUT
 
 

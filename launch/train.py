@@ -47,7 +47,7 @@ def fail(message: str) -> int:
     from iddpm_ds import dist
 
     if dist.is_main():
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        dist.error_line(message)
     return EXIT_BAD_JOB
 
 
@@ -139,7 +139,7 @@ def train(job) -> int:
         try:
             return trainer.run()
         except DataError as err:  # too many corrupt samples: any rank, so that rank tells
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            dist.error_line(str(err))
             return EXIT_BAD_JOB
 
 

@@ -252,3 +252,33 @@ def test_lock_held_open_is_live_and_an_orphan_is_stale(tmp_path):
         wait_for_lock(lock, timeout_s=60)
     lock.unlink()
     wait_for_lock(lock, timeout_s=1)  # nothing left to wait for
+
+
+_WRITER = """
+import sys
+from iddpm_ds import dist
+tag, n = sys.argv[1], int(sys.argv[2])
+message = f"rank {tag}: all_reduce at x.py:1 (f) lost its connection to another rank " + "x" * 300
+for _ in range(n):
+    {call}
+"""
+
+
+@pytest.mark.parametrize("call", ["dist.error_line(message)",
+                                  "dist.log('collective_failed', detail=message)"])
+def test_ranks_sharing_the_launchers_pipe_never_fuse_their_lines(call):
+    """Ranks of a node write to one pipe (the launcher's, then pdsh's per line). print() writes
+    the text and its newline in two calls, so two ranks' errors once fused into one line
+    under a multi-host failure; every line must arrive whole."""
+    code = _WRITER.replace("{call}", call)
+    read, write = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-u", "-c", code, str(tag), "6000"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=write) for tag in (0, 1)]
+    os.close(write)
+    with os.fdopen(read, "r") as pipe:
+        lines = pipe.read().splitlines()
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    assert len(lines) == 12000
+    tail = "x" * 300 + ('"}' if "log" in call else "")
+    fused = [line for line in lines if line.count("lost its") != 1 or not line.endswith(tail)]
+    assert not fused, fused[0]
