@@ -93,6 +93,20 @@ def test_math_and_sdpa_attention_agree():
         qkv_attention(qkv, 4, "flash")
 
 
+def test_sdpa_reaches_the_fused_kernel_forward_and_backward():
+    """The fused kernels need stride 1 on the head channels; the reference's qkv layout has
+    the tokens innermost, so without a copy SDPA silently fell back to its math path (bmm,
+    softmax and a masked-row pass) on every device."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qkv = torch.randn(2, 3 * 64, 64, requires_grad=True)  # [B, heads * 3 * ch, L]
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises "No available kernel" otherwise
+        out = qkv_attention(qkv, 4, "sdpa")
+        out.square().sum().backward()
+    torch.testing.assert_close(out, qkv_attention(qkv.detach(), 4, "math"), atol=1e-5, rtol=1e-5)
+    assert qkv.grad is not None and qkv.grad.isfinite().all()
+
+
 def test_set_kernels_changes_no_result():
     model, x, t, kwargs = _model_and_inputs()
     expected = model(x, t, **kwargs)

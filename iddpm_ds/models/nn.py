@@ -108,7 +108,8 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, kernel: str = "sdpa") -> to
     batch, width, length = qkv.shape
     ch = width // (3 * num_heads)
     # [B, L, heads, 3, ch] -> [3, B, heads, L, ch]: token-major, channel dim contiguous
-    qkv = qkv.transpose(1, 2).reshape(batch, length, num_heads, 3, ch).permute(3, 0, 2, 1, 4)
+    qkv = qkv.transpose(1, 2).contiguous()  # [B, L, heads * 3 * ch]: fused kernels need stride 1 on ch
+    qkv = qkv.reshape(batch, length, num_heads, 3, ch).permute(3, 0, 2, 1, 4)
     q, k, v = qkv.unbind(0)  # each [B, heads, L, ch]
     if kernel == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, ch]
