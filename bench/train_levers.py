@@ -29,6 +29,9 @@ from train_throughput import launch  # noqa: E402
 
 OFF = ["train.adamw_kernel=\"loop\""]  # torch AdamW's own default on CPU: the levers-off service
 ALL = ["train.adamw_kernel=\"fused\"", "train.channels_last=true", "train.compile=true"]
+# the levers that pay on this CPU: channels_last slows bf16 here (GroupNorm32's fp32 round
+# trips reorder NHWC) and compile's ~170 s warm-up buys about nothing (see docs/benchmarks.md)
+BEST = ["train.adamw_kernel=\"fused\"", "train.attention_kernel=\"math\""]
 ROWS: dict[str, tuple[str, list[str], str]] = {
     # name: (precision, job fields, where the gain comes from)
     "fp32": ("fp32", OFF, "baseline: the service with every lever off"),
@@ -43,8 +46,13 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
                      "inductor fuses the element-wise work (GroupNorm, SiLU, scale-shift, losses "
                      "stay eager) and removes Python overhead"),
     "fp32 all levers": ("fp32", ALL, "fused AdamW + channels_last + compile"),
+    "fp32 best": ("fp32", BEST, "fused AdamW + math attention"),
     "bf16": ("bf16", OFF, "bf16 weights and activations (whole-module cast): bf16 matmul/conv"),
+    "bf16 math attention": ("bf16", OFF + ["train.attention_kernel=\"math\""],
+                            "bf16 with the explicit matmul + softmax attention"),
+    "bf16 best": ("bf16", BEST, "bf16 + fused AdamW + math attention"),
     "bf16-mixed": ("bf16-mixed", OFF, "autocast: fp32 weights, bf16 torso convs, fp32 regions"),
+    "bf16-mixed best": ("bf16-mixed", BEST, "bf16-mixed + fused AdamW + math attention"),
     "bf16 all levers": ("bf16", ALL, "bf16 + fused AdamW + channels_last + compile"),
     "bf16-mixed all levers": ("bf16-mixed", ALL, "bf16-mixed + fused AdamW + channels_last + compile"),
 }

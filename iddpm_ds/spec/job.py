@@ -93,7 +93,8 @@ class TrainSpec(Spec):
     attention_kernel: Literal["sdpa", "math"] = "sdpa"
     """Self-attention kernel: "sdpa" (torch's scaled_dot_product_attention, flash /
     memory-efficient kernels where the device has them) or "math" (the reference's explicit
-    q k^T, float32 softmax, times v). Same result up to rounding."""
+    q k^T, float32 softmax, times v). Same result up to rounding. "math" was faster in bf16
+    on an AVX-512-bf16 CPU, whose bf16 flash backward is slow (docs/benchmarks.md)."""
     schedule_sampler: SamplerSpec = SamplerSpec()
     """Timestep sampler: "uniform" or "loss-second-moment" (or a mapping with its options)."""
     log_interval: int = Field(10, ge=1)
