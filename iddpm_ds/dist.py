@@ -370,6 +370,12 @@ def error_line(message: str) -> None:
     write_line(f"error: {message}")
 
 
+def error0(message: str) -> None:
+    """error_line on rank 0 only: for errors every rank meets alike (a bad input or job)."""
+    if is_main():
+        error_line(message)
+
+
 def is_group_failure(err: BaseException) -> bool:
     """True for a collective that timed out or lost a peer: torch's DistError family, and
     the plain RuntimeError that gloo raises (its message names its gloo source file)."""

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 if __package__:  # the console script: launch/ is installed as the package iddpm_ds_launch
-    from .json_stdout import json_stdout
+    from .json_stdout import run_json_tool
     from .weights_args import add_weights_args, check_weights_args, weights_choice
 else:  # python launch/evaluate.py (also under deepspeed/torchrun): launch/ is sys.path[0]
-    from json_stdout import json_stdout
+    from json_stdout import run_json_tool
     from weights_args import add_weights_args, check_weights_args, weights_choice
 
 EXIT_BAD_INPUT = 2
@@ -58,14 +58,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.num_samples is not None and args.num_samples < 1:
         parser.error("--num-samples must be positive")
     return args
-
-
-def fail(message: str) -> int:
-    from iddpm_ds import dist
-
-    if dist.is_main():
-        dist.error_line(message)
-    return EXIT_BAD_INPUT
 
 
 def data_spec(args: argparse.Namespace):
@@ -98,15 +90,7 @@ def data_spec(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    with json_stdout() as result_out:
-        from iddpm_ds import dist
-
-        dist.init()
-        try:
-            return run(args, result_out)
-        finally:
-            dist.shutdown()
+    return run_json_tool(parse_args(argv), run)
 
 
 def run(args: argparse.Namespace, result_out: TextIO) -> int:
@@ -128,7 +112,8 @@ def run(args: argparse.Namespace, result_out: TextIO) -> int:
                                  num_samples=args.num_samples, clip_denoised=not args.no_clip,
                                  seed=args.seed, progress=not args.no_progress)
     except (SamplingError, DataError, OSError) as err:
-        return fail(str(err))
+        dist.error0(str(err))
+        return EXIT_BAD_INPUT
     result = {"source": str(loaded.source), "weights": loaded.weights, "step": loaded.step,
               "precision": args.precision,
               "respacing": args.respacing if args.respacing is not None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 
 @contextlib.contextmanager
@@ -30,3 +30,16 @@ def json_stdout() -> Iterator[TextIO]:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def run_json_tool(args: Any, run: Callable[[Any, TextIO], int]) -> int:
+    """run(args, result_out) inside json_stdout, with the process group (if launched as
+    several ranks) set up before and torn down after."""
+    with json_stdout() as result_out:
+        from iddpm_ds import dist
+
+        dist.init()
+        try:
+            return run(args, result_out)
+        finally:
+            dist.shutdown()

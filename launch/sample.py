@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import TextIO
 
 if __package__:  # the console script: launch/ is installed as the package iddpm_ds_launch
-    from .json_stdout import json_stdout
+    from .json_stdout import run_json_tool
     from .weights_args import add_weights_args, check_weights_args, weights_choice
 else:  # python launch/sample.py (also under deepspeed/torchrun): launch/ is sys.path[0]
-    from json_stdout import json_stdout
+    from json_stdout import run_json_tool
     from weights_args import add_weights_args, check_weights_args, weights_choice
 
 EXIT_BAD_INPUT = 2
@@ -73,14 +73,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def fail(message: str) -> int:
-    from iddpm_ds import dist
-
-    if dist.is_main():
-        dist.error_line(message)
-    return EXIT_BAD_INPUT
-
-
 def parse_labels(text: str | None) -> tuple[int, ...] | None:
     from iddpm_ds.weights import SamplingError
 
@@ -102,15 +94,7 @@ def default_out(args: argparse.Namespace, loaded, respacing: str, sampler: str) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    with json_stdout() as result_out:
-        from iddpm_ds import dist
-
-        dist.init()
-        try:
-            return run(args, result_out)
-        finally:
-            dist.shutdown()
+    return run_json_tool(parse_args(argv), run)
 
 
 def run(args: argparse.Namespace, result_out: TextIO) -> int:
@@ -137,7 +121,8 @@ def run(args: argparse.Namespace, result_out: TextIO) -> int:
                              progress=not args.no_progress, base_samples=base)
         check_labels(loaded.model_spec, opts.class_labels, base)
     except (SamplingError, OSError) as err:
-        return fail(str(err))
+        dist.error0(str(err))
+        return EXIT_BAD_INPUT
     sampler = "ddim" if use_ddim else "ddpm"
     dist.log0("sampling_start", source=str(loaded.source), weights=loaded.weights, step=loaded.step,
               respacing=respacing, steps=diffusion.num_timesteps, sampler=sampler, eta=opts.eta,

@@ -46,8 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def fail(message: str) -> int:
     from iddpm_ds import dist
 
-    if dist.is_main():
-        dist.error_line(message)
+    dist.error0(message)
     return EXIT_BAD_JOB
 
 
