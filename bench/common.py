@@ -6,6 +6,8 @@ and 8, learn_sigma, cosine, T=1000, dropout 0.1, batch 16 per rank.
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -161,3 +163,17 @@ def step_flops(step: Callable[[], None]) -> int:
     with FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops()
+
+
+def run_workers(script: str, world: int, worker_args: list[str], threads: int, what: str) -> dict:
+    """`script --worker ...` as `world` torchrun processes sharing `threads` CPU threads;
+    returns the dict that rank 0 printed on its `RESULT {json}` line."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(world), script, "--worker", *worker_args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // world))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise SystemExit(f"{what} at world size {world} failed ({proc.returncode}):\n"
+                     f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

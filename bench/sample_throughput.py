@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DIFFUSION, MODEL  # noqa: E402
+from common import DIFFUSION, MODEL, run_workers  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "bf16-mixed")
 TASKS = {"sample": ("ddim50_img_per_s", "DDIM-50 sampling"), "bpd": ("bpd_img_per_s", "bits/dim eval (50 steps)")}
@@ -69,16 +68,9 @@ def worker(args) -> None:
 
 
 def launch(args, world: int, precision: str) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(world), __file__, "--worker", "--precision", precision, "--images", str(args.images),
-           "--batch", str(args.batch), "--tasks", *args.tasks]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // world))}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise SystemExit(f"{precision} at world size {world} failed ({proc.returncode}):\n"
-                     f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return run_workers(__file__, world, ["--precision", precision, "--images", str(args.images),
+                                         "--batch", str(args.batch), "--tasks", *args.tasks],
+                       args.threads, precision)
 
 
 def main() -> int:

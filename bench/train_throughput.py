@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (BATCH, CONFIG_LINE, Bare, PhaseClock, interleaved, make_job,  # noqa: E402
-                    make_shards, matmul_peak, paired_ratio, step_flops, timed)
+                    make_shards, matmul_peak, paired_ratio, run_workers, step_flops, timed)
 
 PHASES = ["data wait", "forward (losses)", "backward", "sampler (sample + update)", "optimizer step",
           "EMA", "divergence guard", "metrics + preemption check"]
@@ -148,16 +147,8 @@ def _slowest_rank(values: list[float], world: int) -> list[float]:
 def launch(args, world: int, shards: Path) -> dict:
     """One run of `world` processes (torchrun); returns rank 0's result."""
     with tempfile.TemporaryDirectory() as run_dir:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               str(world), __file__, "--worker", "--shards", str(shards), "--run-dir",
-               run_dir] + passthrough(args)
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // world))}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise SystemExit(f"world size {world} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                     f"{proc.stderr[-5000:]}")
+        return run_workers(__file__, world, ["--shards", str(shards), "--run-dir", run_dir]
+                           + passthrough(args), args.threads, "the service bench")
 
 
 def passthrough(args) -> list[str]:
