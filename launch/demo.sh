@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fresh machine -> a trained demo model: set up .venv, write the bundled digits shards,
 # train launch/jobs/digits.yaml (class-conditional 32 px IDDPM,
-# about 9 minutes on 2 CPU cores at ~90 img/s). Every stage is announced before it starts, with what it
+# about 7 minutes on 2 CPU cores at ~100 img/s). Every stage is announced before it starts, with what it
 # costs, so no stretch of the run is silent without an explanation.
 # Re-running resumes from runs/digits (delete it to start over). Extra args go to
 # launch/train.py, e.g. `bash launch/demo.sh --set train.lr_anneal_steps=1000`.
