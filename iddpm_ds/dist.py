@@ -416,16 +416,10 @@ def _failed_call(err: BaseException) -> tuple[Optional[str], Optional[str]]:
     return op, where
 
 
-def print0(*args: Any, **kwargs: Any) -> None:
-    """print() on rank 0 only; the single gate for rank-dependent console output."""
+def print0(text: str) -> None:
+    """One console line on rank 0 only; the single gate for rank-dependent console output."""
     if is_main():
-        sep, end = kwargs.pop("sep", " "), kwargs.pop("end", "\n")
-        stream = kwargs.pop("file", None) or sys.stdout
-        if kwargs:
-            raise TypeError(f"print0: unexpected arguments {sorted(kwargs)}")
-        text = sep.join(str(a) for a in args) + end
-        stream.write(text)  # one write: see write_line
-        stream.flush()
+        write_line(text, sys.stdout)
 
 
 def log0(event: str, **fields: Any) -> None:

@@ -107,8 +107,10 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, kernel: str = "sdpa") -> to
     """
     batch, width, length = qkv.shape
     ch = width // (3 * num_heads)
-    # [B, L, heads, 3, ch] -> [3, B, heads, L, ch]: token-major, channel dim contiguous
-    qkv = qkv.transpose(1, 2).contiguous()  # [B, L, heads * 3 * ch]: fused kernels need stride 1 on ch
+    qkv = qkv.transpose(1, 2)  # [B, L, heads * 3 * ch]
+    if kernel == "sdpa":  # fused kernels need stride 1 on ch; the math path's matmuls don't
+        qkv = qkv.contiguous()
+    # [B, L, heads, 3, ch] -> [3, B, heads, L, ch]: token-major
     qkv = qkv.reshape(batch, length, num_heads, 3, ch).permute(3, 0, 2, 1, 4)
     q, k, v = qkv.unbind(0)  # each [B, heads, L, ch]
     if kernel == "sdpa":

@@ -5,7 +5,6 @@ EMA, metrics. Everything read back from the device waits for a log interval.
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -126,8 +125,7 @@ class Trainer:
         except Diverged as err:  # every rank gets here at the same step: the verdicts are global
             latest = self.ckpt_dir / "latest"
             where = f"latest checkpoint: {latest.read_text()}" if latest.is_file() else "no checkpoint"
-            dist.print0(f"error: {err}; stopped at step {self.step}, nothing saved ({where})",
-                        file=sys.stderr)
+            dist.error0(f"{err}; stopped at step {self.step}, nothing saved ({where})")
             return DIVERGED_EXIT
         finally:
             self.preempt.restore()
