@@ -159,6 +159,18 @@ def prepare_deepspeed() -> None:
     where DeepSpeed's own init would otherwise build the shm op and wait on its lock forever."""
     guard_builds(_spec.long_wait_timeout_s)  # a live build is solo work too
     _skip_shm_op()
+    if cpu_fp16_seam() and not has_gpu():
+        _allow_cpu_fp16()
+
+
+def _allow_cpu_fp16() -> None:
+    """The test seam's one change to DeepSpeed: its CPU accelerator answers that fp16 is
+    supported, so the engine's sanity check passes and the real fp16 engine is built."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        accelerator.is_fp16_supported = lambda: True
 
 
 def _skip_shm_op() -> None:
@@ -287,6 +299,24 @@ def layout(world: Optional[int] = None) -> Layout:
 
 def has_gpu() -> bool:
     return torch.cuda.is_available()
+
+
+# The CPU fp16 test seam. DeepSpeed's CPU accelerator refuses fp16 (is_fp16_supported() is
+# False without AVX-512-FP16), yet its fp16 engine, optimizers and loss scaler run on CPU
+# (torch has CPU half kernels). With this variable set to 1 a process without a GPU builds
+# that real engine, so tests and the GPU check's dry run exercise the fp16 path on CPU.
+# Never for production: CPU half is slow and only some of its kernels are exact.
+CPU_FP16_SEAM = "IDDPM_CPU_FP16"
+
+
+def cpu_fp16_seam() -> bool:
+    """True when the CPU fp16 test seam is on (see CPU_FP16_SEAM)."""
+    return os.environ.get(CPU_FP16_SEAM) == "1"
+
+
+def fp16_capable() -> bool:
+    """Whether this process may train in fp16: a GPU, or the CPU test seam."""
+    return has_gpu() or cpu_fp16_seam()
 
 
 def barrier() -> None:

@@ -72,7 +72,7 @@ def check(job, world_size: int) -> int:
     model = job.model  # the data must exist, decode and carry labels the model can embed
     data_lines = check_sources(job.data, image_size=model.image_size,
                                class_cond=model.class_cond, num_classes=model.num_classes)
-    config = render_ds_config(job, world_size, dist.has_gpu())
+    config = render_ds_config(job, world_size, dist.has_gpu(), dist.fp16_capable())
     layout = dist.layout(world_size)  # PlacementError: a local rank without a GPU
     num_params = sum(p.numel() for p in build_model(job.model).parameters())
     memory = model_state_bytes(num_params, job, world_size)

@@ -14,7 +14,24 @@ from torch import nn
 GROUPS = 32  # the reference normalises every activation with 32 groups
 
 
-class GroupNorm32(nn.GroupNorm):
+class Float32Region:
+    """A layer that computes in float32 whatever its weights' dtype: the reference's fp32
+    regions. Its fp16 training converts only the torso's convolutions, so the timestep
+    MLP, the embedding projections, GroupNorm and the output head compute in fp32. Under
+    precision fp16/bf16 DeepSpeed stores every weight in 16 bit; these layers upcast their
+    (16-bit-rounded) weights and input for the call, and their gradients flow back to the
+    16-bit copies. Autocast (bf16-mixed) is off inside. `fp32_regions` is a class switch
+    for measurements only (the whole-cast numerics in docs/benchmarks.md)."""
+
+    fp32_regions = True
+
+    def _region_args(self, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """(input, weight, bias) in float32; with the switch off, in the weight's dtype."""
+        dtype = torch.float32 if Float32Region.fp32_regions else self.weight.dtype
+        return [t.to(dtype) if t is not None else None for t in tensors]
+
+
+class GroupNorm32(Float32Region, nn.GroupNorm):
     """GroupNorm computed in float32 and cast back to the input's dtype (reference).
 
     The affine parameters are upcast too, so this stays float32 inside even when
@@ -22,10 +39,37 @@ class GroupNorm32(nn.GroupNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        out = F.group_norm(x.float(), self.num_groups, weight, bias, self.eps)
+        h, weight, bias = self._region_args(x, self.weight, self.bias)
+        out = F.group_norm(h, self.num_groups, weight, bias, self.eps)
         return out.to(x.dtype)
+
+
+class Linear32(Float32Region, nn.Linear):
+    """nn.Linear in a float32 region: float32 out."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with float32_region(x.device):
+            return F.linear(*self._region_args(x, self.weight, self.bias))
+
+
+class _Conv32(Float32Region):
+    """Conv in a float32 region (the output head): float32 out."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with float32_region(x.device):
+            return self._conv_forward(*self._region_args(x, self.weight, self.bias))
+
+
+class Conv1d32(_Conv32, nn.Conv1d):
+    pass
+
+
+class Conv2d32(_Conv32, nn.Conv2d):
+    pass
+
+
+class Conv3d32(_Conv32, nn.Conv3d):
+    pass
 
 
 def normalization(channels: int) -> GroupNorm32:
@@ -36,9 +80,10 @@ def normalization(channels: int) -> GroupNorm32:
     return GroupNorm32(GROUPS, channels)
 
 
-def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
-    """A 1-, 2- or 3-D convolution."""
-    convs = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+def conv_nd(dims: int, *args: Any, float32: bool = False, **kwargs: Any) -> nn.Module:
+    """A 1-, 2- or 3-D convolution (`float32`: in a float32 region, see Float32Region)."""
+    convs = ({1: Conv1d32, 2: Conv2d32, 3: Conv3d32} if float32
+             else {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d})
     if dims not in convs:
         raise ValueError(f"unsupported dims: {dims} (1, 2 or 3)")
     return convs[dims](*args, **kwargs)
@@ -53,7 +98,9 @@ def avg_pool_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
 
 
 def linear(*args: Any, **kwargs: Any) -> nn.Linear:
-    return nn.Linear(*args, **kwargs)
+    """A linear layer in a float32 region: the UNet's linear layers are the timestep MLP and
+    the embedding projections, all fp32 in the reference (Float32Region)."""
+    return Linear32(*args, **kwargs)
 
 
 def zero_module(module: nn.Module) -> nn.Module:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .nn import (
-    ATTENTION_KERNELS, GROUPS, avg_pool_nd, checkpoint, conv_nd, float32_region, linear,
+    ATTENTION_KERNELS, GROUPS, Float32Region, avg_pool_nd, checkpoint, conv_nd, float32_region, linear,
     normalization, qkv_attention, timestep_embedding, zero_module,
 )
 
@@ -105,8 +105,7 @@ class ResBlock(TimestepBlock):
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)  # [N, C_out, *spatial]
-        with float32_region(emb.device):
-            emb = emb.to(self.emb_layers[1].weight.dtype)
+        with float32_region(emb.device):  # the SiLU too: the reference's fp32 emb_layers
             emb_out = self.emb_layers(emb).to(h.dtype)  # [N, C_out or 2 * C_out]
         emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.dim() - 2)))  # [N, C', 1, 1]
         if self.use_scale_shift_norm:
@@ -222,7 +221,7 @@ class UNetModel(nn.Module):
         ch = self._build_output_blocks(time_embed_dim, skip_chans)
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(),
-            zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
+            zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1, float32=True)))
 
     def _res_block(self, ch: int, emb_dim: int, out_ch: int) -> ResBlock:
         return ResBlock(ch, emb_dim, self.dropout, out_channels=out_ch, dims=self.dims,
@@ -283,10 +282,10 @@ class UNetModel(nn.Module):
             raise ValueError("pass y (class labels) if and only if the model is class-conditional "
                              f"(num_classes={self.num_classes}, y given: {y is not None})")
         t_emb = timestep_embedding(timesteps, self.model_channels)  # [N, mc], float32
-        with float32_region(x.device):
-            emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))  # [N, 4 mc]
+        with float32_region(x.device):  # Linear32: float32 whatever the weights' dtype
+            emb = self.time_embed(t_emb)  # [N, 4 mc]
         if y is not None:
-            emb = emb + self.label_emb(y).to(emb.dtype)
+            emb = emb + self.label_emb(y).to(emb.dtype)  # a lookup: exact in fp32
         hs = []
         h = x.to(self.inner_dtype)
         if self.channels_last and h.dim() == 4:
@@ -297,9 +296,8 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb)
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb)
-        h = h.to(self.out[2].weight.dtype)
-        with float32_region(x.device):
-            return self.out(h).to(x.dtype)
+        with float32_region(x.device):  # GroupNorm32, SiLU and Conv32: the fp32 head
+            return self.out(h.float() if Float32Region.fp32_regions else h).to(x.dtype)
 
 
 def set_kernels(model: nn.Module, attention: str = "sdpa", channels_last: bool = False) -> nn.Module:

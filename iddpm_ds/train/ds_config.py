@@ -1,6 +1,7 @@
 """Render the one DeepSpeed config of a job: engine templates + the spec's own knobs."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,9 @@ from typing import Any
 from ..spec.job import SPEC_OWNED, DeepSpeedSpec, JobSpec, TrainSpec, deep_merge, owned_keys_in
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+# the DeepSpeed version whose ZeRO-0 fp16 backward was measured (loss_scale.py scales the
+# loss where it does not); fp16 + ZeRO-0 on another version is refused, not guessed
+ZERO0_FP16_VERIFIED = "0.19.8"
 
 class ConfigError(ValueError):
     """A job whose engine configuration cannot work; the message names the field."""
@@ -87,11 +91,14 @@ def _engine_settings(ds: DeepSpeedSpec, precision: str, has_gpu: bool) -> dict[s
     return config
 
 
-def render_ds_config(job: JobSpec, world_size: int, has_gpu: bool) -> dict[str, Any]:
-    """The final DeepSpeed config for this job at this world size."""
-    if job.precision == "fp16" and not has_gpu:
+def render_ds_config(job: JobSpec, world_size: int, has_gpu: bool,
+                     fp16_ok: bool | None = None) -> dict[str, Any]:
+    """The final DeepSpeed config for this job at this world size. `fp16_ok` (default:
+    `has_gpu`) is whether fp16 may run here: a GPU, or the CPU test seam (dist.fp16_capable)."""
+    if job.precision == "fp16" and not (has_gpu if fp16_ok is None else fp16_ok):
         raise ConfigError("precision: fp16 needs a GPU (DeepSpeed's CPU accelerator refuses fp16); "
                           "use precision: bf16 or fp32 on this machine")
+    _check_fp16_stage(job)
     sizes = resolve_batch(job.train, world_size)
     config = _engine_settings(job.deepspeed, job.precision, has_gpu)
     train = job.train
@@ -114,6 +121,17 @@ def render_ds_config(job: JobSpec, world_size: int, has_gpu: bool) -> dict[str, 
         "zero_optimization": {"stage": job.deepspeed.zero_stage},
     })
     return deep_merge(config, _speed_settings(job))
+
+
+def _check_fp16_stage(job: JobSpec) -> None:
+    if job.precision != "fp16" or job.deepspeed.zero_stage != 0:
+        return
+    installed = importlib.metadata.version("deepspeed")  # no import: --check stays fast
+    if installed != ZERO0_FP16_VERIFIED:
+        raise ConfigError(
+            f"precision: fp16 with deepspeed.zero_stage: 0 is verified on DeepSpeed "
+            f"{ZERO0_FP16_VERIFIED} only (installed: {installed}, whose ZeRO-0 loss scaling may "
+            "differ); use deepspeed.zero_stage: 1")
 
 
 # torch.optim.AdamW keyword arguments per train.adamw_kernel (DeepSpeed passes them on)

@@ -45,7 +45,7 @@ def build_engine(job: JobSpec) -> EngineBundle:
 
     dist.prepare_deepspeed()
     world = dist.world_size()
-    ds_config = render_ds_config(job, world, dist.has_gpu())
+    ds_config = render_ds_config(job, world, dist.has_gpu(), dist.fp16_capable())
     torch.manual_seed(job.train.seed)
     model = build_model(job.model)
     set_kernels(model, attention=job.train.attention_kernel, channels_last=job.train.channels_last)
@@ -60,18 +60,17 @@ def build_engine(job: JobSpec) -> EngineBundle:
 
 
 class EngineModel:
-    """The model as the diffusion calls it: input cast to the engine's compute dtype,
-    output back to float32 so every loss term is computed in fp32 (as the reference's
-    fp16 path does)."""
+    """The model as the diffusion calls it: float32 in, float32 out, so every loss term is
+    computed in fp32 (as the reference's fp16 path does). The UNet casts its input to the
+    torso's dtype itself and computes its output head in fp32 (Float32Region), so the
+    output is not rounded to 16 bit on the way out."""
 
     def __init__(self, engine: Any, dtype: torch.dtype) -> None:
         self.engine = engine
         self.dtype = dtype
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
-        if "low_res" in model_kwargs:
-            model_kwargs = {**model_kwargs, "low_res": model_kwargs["low_res"].to(self.dtype)}
-        return self.engine(x.to(self.dtype), timesteps, **model_kwargs).float()  # [N, C', H, W]
+        return self.engine(x.float(), timesteps, **model_kwargs).float()  # [N, C', H, W]
 
 
 def grad_norm(engine: Any) -> torch.Tensor | float | None:

@@ -18,6 +18,11 @@ Detection and skipping stay on the device, so the per-step path gains no host sy
 - The host reads the counters only at log intervals and before checkpoints (`poll`). A
   streak of `limit` skipped steps then stops the run: detection may lag by up to one log
   interval, which costs compute but no state, since skipped steps change nothing.
+- fp16 is different: DeepSpeed skips a step whose scaled gradients overflow and halves the
+  loss scale, by design (the first steps at 2^20 overflow). Such a skip is not divergence.
+  There a step counts towards the streak only when its forward loss was not finite (on
+  this rank; `poll` takes the maximum over ranks, so every rank reaches the same verdict),
+  and an overflow at the floor scale stops the run at once (loss_scale.py).
 """
 from __future__ import annotations
 
@@ -45,8 +50,10 @@ class DivergenceGuard:
         optimizer = engine.basic_optimizer  # the torch optimizer DeepSpeed steps
         # ZeRO-0 fp32: DeepSpeed computes no norm; the parameters' .grad are the reduced ones
         self.direct = engine.optimizer is optimizer
+        self.fp16 = bool(engine.fp16_enabled())  # overflow skips are the loss scaler's
         self.grad_norm: torch.Tensor | None = None  # set each step on the direct path
         self.applied = torch.ones((), dtype=torch.bool, device=device)
+        self._loss_bad = torch.zeros((), dtype=torch.bool, device=device)
         self._streak = torch.zeros((), dtype=torch.int64, device=device)
         self._longest = torch.zeros((), dtype=torch.int64, device=device)
         self._skipped = torch.zeros((), dtype=torch.int64, device=device)
@@ -59,14 +66,17 @@ class DivergenceGuard:
         else:
             self._wrap_on_host(optimizer)
 
-    @staticmethod
-    def poison(loss: torch.Tensor) -> torch.Tensor:
-        """`loss` unchanged if finite, else a NaN whose gradient is NaN everywhere."""
-        return loss * torch.where(torch.isfinite(loss), 1.0, float("nan"))
+    def poison(self, loss: torch.Tensor) -> torch.Tensor:
+        """`loss` unchanged if finite, else a NaN whose gradient is NaN everywhere; a
+        non-finite loss is remembered for this step (the fp16 divergence signal)."""
+        finite = torch.isfinite(loss)
+        self._loss_bad |= ~finite
+        return loss * torch.where(finite, 1.0, float("nan"))
 
     def begin_step(self) -> None:
         # stays False when DeepSpeed skips the step before the optimizer runs
         self.applied = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._loss_bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self.grad_norm = None
 
     @torch.no_grad()
@@ -106,16 +116,19 @@ class DivergenceGuard:
 
     def end_step(self) -> torch.Tensor:
         """Count the step; returns `applied` for the EMA and the sampler."""
-        skipped = (~self.applied).long()
-        self._streak = (self._streak + 1) * skipped
+        bad = (self._loss_bad if self.fp16 else ~self.applied).long()
+        self._streak = (self._streak + 1) * bad
         self._longest = torch.maximum(self._longest, self._streak)
-        self._skipped += skipped
+        self._skipped += bad
         return self.applied
 
     def poll(self) -> None:
         """Read the counters (host sync; log intervals and saves only, on every rank: the
         verdicts are global, so every rank reads the same numbers)."""
-        streak, longest, skipped = torch.stack([self._streak, self._longest, self._skipped]).tolist()
+        counters = torch.stack([self._streak, self._longest, self._skipped])
+        if self.fp16 and dist.world_size() > 1:  # the loss flag is per rank: agree on the worst
+            torch_dist.all_reduce(counters, op=torch_dist.ReduceOp.MAX)
+        streak, longest, skipped = counters.tolist()
         self._skipped.zero_()
         self._longest.copy_(self._streak)
         self.streak, self.interval = streak, self.interval + skipped
@@ -124,10 +137,12 @@ class DivergenceGuard:
     def check(self) -> None:
         """Raise Diverged once a streak reached the limit (after `poll`)."""
         if self.longest >= self.limit:
+            what = "loss (fp16: gradient overflows are the loss scaler's)" if self.fp16 \
+                else "loss or gradient norm"
             raise Diverged(
                 f"training diverged: {self.longest} optimizer steps in a row had a non-finite "
-                f"loss or gradient norm (train.max_nonfinite_steps={self.limit}); they were "
-                "skipped, so weights, Adam moments and EMA are those of the last finite step")
+                f"{what} (train.max_nonfinite_steps={self.limit}); they were skipped, so "
+                "weights, Adam moments and EMA are those of the last finite step")
 
     def metrics(self) -> dict[str, int]:
         """Counts for the log record (after `poll`); resets the interval count."""

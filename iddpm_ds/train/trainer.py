@@ -19,8 +19,9 @@ from ..spec.job import JobSpec, dump_job
 from ..superres import with_low_res
 from .ds_config import render_ds_config, resolve_batch
 from .ema import EMA
-from .engine import EngineModel, build_engine, grad_norm, loss_scale
+from .engine import EngineModel, build_engine, grad_norm
 from .guard import DIVERGED_EXIT, DivergenceGuard, Diverged, all_finite
+from .loss_scale import LossScale
 from .master import MasterWeights
 from .metrics import LossAccumulator, MetricsWriter, gather_floats, memory_mb
 from .periodic import evaluate_during_training, write_sample_grid
@@ -41,7 +42,8 @@ class Trainer:
         self.run_dir = Path(job.output.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         sizes = resolve_batch(job.train, dist.world_size())
-        render_ds_config(job, dist.world_size(), dist.has_gpu())  # config errors before any work
+        # config errors before any work
+        render_ds_config(job, dist.world_size(), dist.has_gpu(), dist.fp16_capable())
         self.data = build_train_stream(  # missing/corrupt data fails here, before any write
             job.data, image_size=job.model.image_size, class_cond=job.model.class_cond,
             batch_size=sizes.micro, rank=dist.rank(), world_size=dist.world_size(), seed=job.train.seed,
@@ -64,6 +66,7 @@ class Trainer:
             seed=job.train.seed, rank=dist.rank(), max_local_batch=self.sizes.micro)
         self.losses = LossAccumulator(self.diffusion.num_timesteps, self.device)
         self.guard = DivergenceGuard(self.engine, job.train.max_nonfinite_steps, self.device)
+        self.loss_scale = LossScale(self.engine)
         self.counters = TrainCounters()
         self.registry = self._register_state()
         self.resumed_from = resume(self.registry, self.ckpt_dir, job, self.sizes)
@@ -76,6 +79,7 @@ class Trainer:
         (see registry.py for the policies; entries load in this order)."""
         seed, registry = self.job.train.seed, StateRegistry()
         registry.register("engine", EngineState(self.engine, self.master), Policy.SHARDED)
+        registry.register("loss_scale", self.loss_scale, Policy.REPLICATED)  # after the engine
         registry.register("ema", EMAState(self.ema), Policy.SHARDED)
         registry.register("counters", self.counters, Policy.REPLICATED)
         registry.register("timestep_sampler", self.timestep_sampler, Policy.REPLICATED)
@@ -144,11 +148,13 @@ class Trainer:
                                                     model_kwargs=model_kwargs)
             self.timestep_sampler.update_with_local_losses(t, losses["loss"].detach())  # one collective
             loss = self.guard.poison((losses["loss"] * weights).mean())
-            self.engine.backward(loss)                 # DeepSpeed scales by 1/accumulation
+            self.engine.backward(self.loss_scale.scale_loss(loss))  # DeepSpeed: / accumulation
             if micro == self.sizes.accumulation - 1:
                 self.guard.measure_grads()             # ZeRO-0 fp32: norm before clipping
+                scale = self.loss_scale.value          # fp16: the scale this step ran at
             self.engine.step()                         # optimizer only at the boundary
             self.losses.accumulate(t, losses, weights)
+        self.loss_scale.after_step(scale)              # fp16: overflow skip, or the floor
         applied = self.guard.end_step()                # device bool: no host sync
         self.timestep_sampler.end_step(applied)
         self.ema.update(applied)
@@ -195,9 +201,7 @@ class Trainer:
             "data_wait_frac": self._data_wait / elapsed,
             "memory_mb_per_rank": gather_floats(memory_mb(self.device)),
         })
-        scale = loss_scale(self.engine)
-        if scale:
-            record["lg_loss_scale"] = float(torch.tensor(scale).log2())
+        record.update(self.loss_scale.metrics())
         record.update({f"sampler_{k}": float(v) for k, v in self.timestep_sampler.metrics().items()})
         record.update({f"data_{k}": v for k, v in self.data.stats().items()
                        if isinstance(v, (int, float))})
