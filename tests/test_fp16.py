@@ -241,3 +241,72 @@ def test_fp16_keeps_the_reference_fp32_regions(tmp_path, digits_shards):
     torso = {n for n, (kind, _, out) in seen.items() if kind == "Conv2d"}
     assert torso and all(seen[n][2] == "torch.float16" for n in torso)
     assert res["out"] == "torch.float32"
+
+
+# ----------------------------------------------------------------- refusals
+def test_fp16_zero0_is_refused_on_an_unverified_deepspeed(tmp_path, digits_shards, monkeypatch, capsys):
+    """The ZeRO-0 loss-scale fix is pinned to the DeepSpeed version it was measured on;
+    another version gets one line naming the fields, exit 2, at --check (and at start:
+    the trainer renders the same config first)."""
+    from iddpm_ds.train import ds_config
+    from iddpm_ds_launch import train as launch_train
+
+    job = _job(tmp_path, digits_shards, "run", precision="fp16", **{"deepspeed.zero_stage": 0})
+    monkeypatch.setenv("IDDPM_CPU_FP16", "1")
+    assert launch_train.main(["--job", job, "--check"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(ds_config, "installed_deepspeed", lambda: "0.20.0")
+    assert launch_train.main(["--job", job, "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "deepspeed.zero_stage: 0" in err[0] and "use deepspeed.zero_stage: 1" in err[0]
+    monkeypatch.setattr(ds_config, "installed_deepspeed", lambda: "0.20.0")
+    assert launch_train.main(["--job", job, "--check", "--set", "deepspeed.zero_stage=1"]) == 0
+
+
+def test_fp16_without_a_gpu_or_the_seam_is_one_line(tmp_path, digits_shards, monkeypatch, capsys):
+    from iddpm_ds_launch import train as launch_train
+
+    monkeypatch.delenv("IDDPM_CPU_FP16", raising=False)
+    job = _job(tmp_path, digits_shards, "run", precision="fp16")
+    assert launch_train.main(["--job", job, "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fp16 needs a GPU" in err[0]
+
+
+# ------------------------------------------------------- the scale's dynamics
+def _dynamics_worker(rank: int, world: int, jobs: dict[str, str]) -> dict:
+    """Drive each engine's own scaler update (the one DeepSpeed's step calls) through an
+    overflow and 1,000 clean steps, recording the scale."""
+    from iddpm_ds.spec.job import load_job
+    from iddpm_ds.train.engine import build_engine
+    from iddpm_ds.train.loss_scale import LossScale
+
+    out = {}
+    for name, path in jobs.items():
+        engine = build_engine(load_job(path)).engine
+        scale, optimizer = LossScale(engine), engine.optimizer
+        update = (optimizer.loss_scaler.update_scale if hasattr(optimizer, "loss_scaler")
+                  else optimizer._update_scale)
+        trace = [scale.value]
+        update(True)                 # one overflow
+        trace.append(scale.value)
+        for _ in range(1001):        # clean steps
+            update(False)
+            trace.append(scale.value)
+        out[name] = trace
+    return out
+
+
+@pytest.mark.slow
+def test_loss_scale_starts_at_2_20_halves_on_overflow_doubles_after_1000_clean_steps(tmp_path, digits_shards):
+    """The reference: lg_loss_scale 20 at start, -1 on overflow, +1e-3 per clean step (so
+    x2 after 1,000). Each engine's real scaler, built from ds_configs/fp16.json. DeepSpeed
+    doubles in the update that ends the 1,001st clean step: the reference's lg_loss_scale
+    reaches +1 one step earlier, a difference of one step in 1,000."""
+    jobs = {str(stage): _job(tmp_path, digits_shards, f"s{stage}", precision="fp16",
+                             **{"deepspeed.zero_stage": stage}) for stage in (0, 1, 3)}
+    traces = fp16_ranks(_dynamics_worker, 1, jobs)[0]
+    for stage, trace in traces.items():
+        assert trace[0] == 2.0 ** 20 and trace[1] == 2.0 ** 19, stage
+        assert trace[1:1002] == [2.0 ** 19] * 1001, stage          # 1,000 clean steps: unchanged
+        assert trace[1002] == 2.0 ** 20, (stage, trace[995:])       # then doubled

@@ -241,10 +241,11 @@ class JobSpec(Spec):
     train: TrainSpec
     """Optimisation, batch sizes, intervals."""
     precision: Literal["fp32", "bf16", "bf16-mixed", "fp16"] = "fp32"
-    """Training precision. bf16/fp16 cast the whole model to 16 bit and keep fp32 master
-    weights (fp16 with dynamic loss scaling, GPU only). bf16-mixed is the reference's
-    scheme: fp32 weights, the UNet torso's convolutions and attention autocast to bf16, the
-    timestep/label embeddings, norms and output layer in fp32."""
+    """Training precision. bf16/fp16 store the model's weights in 16 bit and keep fp32 master
+    weights; the timestep MLP, embedding projections, GroupNorm and output head still
+    compute in fp32, as the reference's fp16. fp16 uses the reference's dynamic loss scale
+    (2^20, halved on overflow, doubled after 1,000 clean steps) and needs a GPU. bf16-mixed:
+    fp32 weights, the UNet torso's convolutions and attention autocast to bf16."""
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     """Engine settings."""
     distributed: DistributedSpec = DistributedSpec()

@@ -123,10 +123,15 @@ def render_ds_config(job: JobSpec, world_size: int, has_gpu: bool,
     return deep_merge(config, _speed_settings(job))
 
 
+def installed_deepspeed() -> str:
+    """DeepSpeed's installed version, without importing it (--check stays fast)."""
+    return importlib.metadata.version("deepspeed")
+
+
 def _check_fp16_stage(job: JobSpec) -> None:
     if job.precision != "fp16" or job.deepspeed.zero_stage != 0:
         return
-    installed = importlib.metadata.version("deepspeed")  # no import: --check stays fast
+    installed = installed_deepspeed()
     if installed != ZERO0_FP16_VERIFIED:
         raise ConfigError(
             f"precision: fp16 with deepspeed.zero_stage: 0 is verified on DeepSpeed "
