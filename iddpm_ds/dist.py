@@ -331,8 +331,25 @@ def wait_for_main(what: str) -> None:
     if _long_wait_group is None:  # one rank, or a group made outside init()
         barrier()
         return
-    try:
+    with _long_wait(what):
         torch_dist.barrier(group=_long_wait_group)
+
+
+def gather_after_long_work(obj: Any, what: str) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank: wait_for_main that also
+    carries each rank's outcome of `what` (e.g. its failed checkpoint write), same bound."""
+    if not is_initialized() or world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    with _long_wait(what):
+        torch_dist.all_gather_object(out, obj, group=_long_wait_group)
+    return out
+
+
+@contextlib.contextmanager
+def _long_wait(what: str) -> Iterator[None]:
+    try:
+        yield
     except RuntimeError as err:
         if not is_group_failure(err):
             raise

@@ -8,10 +8,14 @@
     python launch/train.py --job job.yaml --check     (validate, print, exit; trains nothing)
 
 Restarting the same command resumes from the run dir's newest complete checkpoint.
-Exit status: 0 done, 2 bad job/config/data or machine set-up (one message, nothing
-written), 3 diverged (train.max_nonfinite_steps non-finite steps in a row; one message, latest
-checkpoint finite), 4 a collective timed out or lost a rank (one line per rank left; see
-distributed.collective_timeout_s), 75 preempted after a checkpoint (requeue to resume).
+Exit status (what each leaves behind: README's table): 0 done; 2 bad job/config/data or
+machine set-up (one message; nothing written when found before training, which is all but
+too many corrupt samples met during training); 3 diverged (train.max_nonfinite_steps
+non-finite steps in a row; one message, latest checkpoint finite); 4 a collective timed out
+or lost a rank (one line per rank left; see distributed.collective_timeout_s); 5 a checkpoint
+write failed on some rank (disk full, quota: one message naming the path and errno; the
+failed checkpoint removed, latest unchanged; rerun once there is space); 75 preempted after
+a checkpoint (requeue to resume).
 """
 from __future__ import annotations
 
@@ -128,6 +132,7 @@ def train(job) -> int:
     from iddpm_ds.data.errors import DataError
     from iddpm_ds.train.ds_config import ConfigError
     from iddpm_ds.train.resume import ResumeError
+    from iddpm_ds.train.saver import CHECKPOINT_WRITE_FAILED_EXIT, CheckpointWriteError
     from iddpm_ds.train.trainer import Trainer
 
     with dist.session(job.distributed):  # a rank that stops answering ends the job, one line
@@ -140,6 +145,9 @@ def train(job) -> int:
         except DataError as err:  # too many corrupt samples: any rank, so that rank tells
             dist.error_line(str(err))
             return EXIT_BAD_JOB
+        except CheckpointWriteError as err:  # every rank, agreed: one line from rank 0
+            dist.error0(str(err))
+            return CHECKPOINT_WRITE_FAILED_EXIT
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -43,18 +43,68 @@ def step_of(tag: str) -> int:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{dist.rank()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write `data` under `path` or leave the old file: temp file, fsync, rename, fsync of the
+    directory (the rename itself survives a power loss only once the directory is synced)."""
+    _atomic_write(path, lambda fh: fh.write(data))
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: Any, path: Path, zipfile: bool = True) -> None:
+    """torch.save, atomically and durably as atomic_write_bytes; a failed write (disk full,
+    quota) raises OSError naming `path` and its errno, and leaves no temp file."""
+    _atomic_write(path, lambda fh: torch_save_to(obj, fh, path, zipfile))
+
+
+def torch_save_to(obj: Any, fh: BinaryIO, path: Path, zipfile: bool = True) -> None:
+    """torch.save into an open file. torch turns a failed write into a RuntimeError without
+    errno ("unexpected pos ..."); the OSError that the file's write raised is kept and
+    raised instead, so the user reads "errno 28 ENOSPC"."""
+    writer = _ErrnoKeeper(fh)
+    try:
+        torch.save(obj, writer, _use_new_zipfile_serialization=zipfile)
+    except RuntimeError:
+        if writer.error is None:
+            raise
+        raise OSError(writer.error.errno, writer.error.strerror, str(path)) from None
+
+
+class _ErrnoKeeper:
+    """A file's write, remembering the OSError that torch's serializer swallows."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{dist.rank()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half-written debris
+        raise OSError(err.errno, err.strerror, str(path)) from None
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_plain(path: Path) -> Any:

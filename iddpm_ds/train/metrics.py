@@ -142,6 +142,8 @@ class MetricsWriter:
                          ("eval_bpd", ".3f"), ("eval_bpd_model", ".3f")):
             if key in r and r[key] is not None and not (isinstance(r[key], float) and math.isnan(r[key])):
                 parts.append(f"{key} {format(r[key], fmt)}")
+        if r.get("eval_bpd") is not None and r.get("eval_steps"):
+            parts.append(_eval_note(r))
         if r.get("nonfinite_steps"):
             parts.append(f"skipped {r['nonfinite_steps']} non-finite steps")
         if self.total_steps and r.get("step_time_s"):
@@ -159,3 +161,13 @@ class MetricsWriter:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+
+
+def _eval_note(r: dict[str, Any]) -> str:
+    """What eval_bpd is, beside it: an upper bound on the NLL over the eval's steps; with
+    fixed variances and few steps it is loose, and may exceed the 8 bits/dim of raw pixels
+    (a reader would take that for a broken model)."""
+    note = f"eval_bpd: NLL upper bound over {r['eval_steps']} steps"
+    if r.get("eval_variances") == "fixed":
+        note += "; loose with fixed variances (can exceed raw pixels' 8)"
+    return note

@@ -1,16 +1,31 @@
-"""Writing one complete checkpoint of every registered piece (all ranks take part)."""
+"""Writing one complete checkpoint of every registered piece (all ranks take part).
+
+A write that fails on any rank (disk full, quota, I/O error) is agreed by all ranks in
+one collective after every piece's writes: each rank keeps its first OSError instead of
+raising it (a rank that raised would skip the collectives of the later pieces and of
+DeepSpeed's own save, and leave the others waiting until the collective timeout). Then
+rank 0 removes the failed tag directory, `latest` stays where it was, and every rank
+raises CheckpointWriteError with the same message (exit CHECKPOINT_WRITE_FAILED_EXIT).
+"""
 from __future__ import annotations
 
+import errno
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import dist
 from . import checkpoint as ckpt
 from .registry import Policy, StateRegistry
 
 TRAINER_STATE = "trainer_state.pt"
+CHECKPOINT_WRITE_FAILED_EXIT = 5  # launch/train.py's exit status for CheckpointWriteError
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint file could not be written on some rank; the message names the path and
+    the errno. Raised on every rank alike, after the failed tag directory is removed."""
 
 
 def rank_file(rank: int) -> str:
@@ -30,23 +45,65 @@ def save_checkpoint(registry: StateRegistry, ckpt_dir: Path, step: int, meta: di
         # (zero_pp_rank_N of a rank that no longer exists) would poison conversion
         shutil.rmtree(tag_dir)
     dist.wait_for_main("clearing a partial checkpoint")
-    tag_dir.mkdir(parents=True, exist_ok=True)
+    mine = _write_pieces(registry, tag_dir, step, meta)
+    # the agreement: every rank's files are on disk (or one failed) before it counts
+    failures = dist.gather_after_long_work(_describe(mine), "writing the checkpoint")
+    if not any(failures):
+        marked = None
+        if dist.is_main():
+            mark = {"step": step, "world_size": dist.world_size(), "time": time.time()}
+            marked = _describe(_attempt(lambda: ckpt.mark_complete(ckpt_dir, tag, mark, keep)))
+        failures = dist.gather_after_long_work(marked, "marking the checkpoint complete")
+    if any(failures):
+        if dist.is_main():
+            shutil.rmtree(tag_dir, ignore_errors=True)  # no partial directory is left
+        dist.wait_for_main("removing the failed checkpoint")
+        raise CheckpointWriteError(_message(tag, ckpt_dir, failures))
+    dist.log0("checkpoint_saved", step=step, tag=tag, seconds=round(time.perf_counter() - start, 2))
+
+
+def _write_pieces(registry: StateRegistry, tag_dir: Path, step: int,
+                  meta: dict[str, Any]) -> OSError | None:
+    """This rank's files; returns its first failed write. Later pieces still run after a
+    failure: SHARDED ones hold collectives (and raise OSError only after them)."""
+    failed = _attempt(lambda: tag_dir.mkdir(parents=True, exist_ok=True))
     replicated: dict[str, Any] = {"meta": {**meta, "step": step}}
     mine: dict[str, Any] = {}
     for entry in registry:
         if entry.policy is Policy.SHARDED:
-            entry.obj.save_shards(tag_dir, step)      # collective under ZeRO
+            shards = _attempt(lambda: entry.obj.save_shards(tag_dir, step))  # collective: always
+            failed = failed or shards
         elif entry.policy is Policy.REPLICATED:
             if dist.is_main():
                 replicated[entry.name] = entry.obj.state_dict()
         else:
             mine[entry.name] = entry.obj.state_dict()
     if dist.is_main():
-        ckpt.atomic_torch_save(replicated, tag_dir / TRAINER_STATE)
-    ckpt.atomic_torch_save(mine, tag_dir / rank_file(dist.rank()))
-    dist.wait_for_main("writing the checkpoint")  # every rank's files are on disk before it counts
-    if dist.is_main():
-        mark = {"step": step, "world_size": dist.world_size(), "time": time.time()}
-        ckpt.mark_complete(ckpt_dir, tag, mark, keep)
-    dist.wait_for_main("pruning old checkpoints")
-    dist.log0("checkpoint_saved", step=step, tag=tag, seconds=round(time.perf_counter() - start, 2))
+        failed = failed or _attempt(lambda: ckpt.atomic_torch_save(replicated, tag_dir / TRAINER_STATE))
+    return failed or _attempt(lambda: ckpt.atomic_torch_save(mine, tag_dir / rank_file(dist.rank())))
+
+
+def _attempt(write: Callable[[], Any]) -> OSError | None:
+    try:
+        write()
+    except OSError as err:
+        return err
+    return None
+
+
+def _describe(err: OSError | None) -> str | None:
+    """'rank 1: /runs/x/checkpoints/step0000008/rank00001.pt: errno 28 ENOSPC (No space left
+    on device)' -- one rank's failure, for the agreement and the error line."""
+    if err is None:
+        return None
+    code = f"errno {err.errno} {errno.errorcode.get(err.errno, '')}".rstrip() if err.errno else "no errno"
+    return f"rank {dist.rank()}: {err.filename or '?'}: {code} ({err.strerror or err})"
+
+
+def _message(tag: str, ckpt_dir: Path, failures: list[str | None]) -> str:
+    failed = [f for f in failures if f]
+    more = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
+    latest = ckpt_dir / "latest"
+    kept = f"latest still names {latest.read_text().strip()}" if latest.is_file() else "no checkpoint yet"
+    return (f"checkpoint {tag} not written: {failed[0]}{more}; removed it, {kept}; "
+            f"free space and rerun the same command to resume")

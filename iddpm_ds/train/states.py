@@ -6,9 +6,11 @@ register through the classes here.
 """
 from __future__ import annotations
 
+import contextlib
+import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -37,9 +39,13 @@ class EngineState:
         self.master = master
 
     def save_shards(self, tag_dir: Path, step: int) -> None:
-        self.engine.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, save_latest=False,
-                                    client_state={"step": step, **UNIVERSAL_INFO})
+        """Collective; a failed write raises OSError only after every collective of the save."""
+        with deepspeed_write_errors(self.engine) as failed:
+            self.engine.save_checkpoint(str(tag_dir.parent), tag=tag_dir.name, save_latest=False,
+                                        client_state={"step": step, **UNIVERSAL_INFO})
         weights = self.master.full_state_dict()  # collective under ZeRO
+        if failed:
+            raise failed[0]
         if dist.is_main():
             ckpt.atomic_torch_save(weights, tag_dir / ckpt.export_name_model(step))
 
@@ -56,6 +62,57 @@ class EngineState:
             load_lr_scheduler_states=True, load_module_strict=True)
         if path is None:
             raise CheckpointLoadError(f"DeepSpeed could not load checkpoint {tag_dir}")
+
+
+@contextlib.contextmanager
+def deepspeed_write_errors(engine: Any) -> Iterator[list[OSError]]:
+    """During one engine.save_checkpoint, DeepSpeed's own writes (its checkpoint engine's
+    save and makedirs, its recovery-script copy) keep their OSError in the yielded list
+    instead of raising it. DeepSpeed's save runs barriers after its writes: a rank that
+    raised out of it would skip them and leave the others waiting there until the
+    collective timeout. Its torch.save goes through ckpt.atomic_torch_save, which names the
+    errno (torch's own error has none) and fsyncs."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    failed: list[OSError] = []
+    writer = engine.checkpoint_engine
+    plain = isinstance(writer, TorchCheckpointEngine)  # others (async, Nebula) keep their save
+    zipfile = bool(getattr(writer, "zipfile_serialization", True))
+
+    def recorded(write: Callable[..., Any]) -> Callable[..., Any]:
+        def attempt(*args: Any, **kwargs: Any) -> Any:
+            if failed:  # one failure is enough: the save is lost anyway
+                return None
+            try:
+                return write(*args, **kwargs)
+            except OSError as err:
+                failed.append(err)
+                return None
+        return attempt
+
+    def save(state_dict: Any, path: str) -> None:
+        if plain:
+            ckpt.atomic_torch_save(state_dict, Path(path), zipfile=zipfile)
+        else:
+            writer.save(state_dict, path)
+
+    patches = ((writer, "save", save), (writer, "makedirs", writer.makedirs),
+               (engine, "_copy_recovery_script", getattr(engine, "_copy_recovery_script", None)))
+    with contextlib.ExitStack() as stack:
+        for obj, name, write in patches:
+            if write is not None:
+                stack.enter_context(_instance_attr(obj, name, recorded(write)))
+        yield failed
+
+
+@contextlib.contextmanager
+def _instance_attr(obj: Any, name: str, value: Any) -> Iterator[None]:
+    """obj.name = value for the block; afterwards the class's attribute shows through again."""
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        delattr(obj, name)
 
 
 class EMAState:
@@ -113,8 +170,10 @@ class ProcessRNG:
     def load_state_dict(self, states: list[dict[str, Any]]) -> None:
         if len(states) == dist.world_size():
             ckpt.set_rng_state(states[dist.rank()])
-        else:
-            torch.manual_seed(fresh_stream_seed(self.seed, self.counters.step))
+        else:  # Python's too: left alone, it would go on from this process's OS-entropy seed
+            seed = fresh_stream_seed(self.seed, self.counters.step)
+            torch.manual_seed(seed)
+            random.seed(seed)
 
 
 class SamplerRNG:

@@ -52,7 +52,6 @@ class Trainer:
             build_eval_stream(job.data, image_size=job.model.image_size, class_cond=job.model.class_cond,
                               batch_size=sizes.micro, rank=dist.rank(), world_size=dist.world_size(),
                               num_samples=job.train.eval_samples, num_classes=job.model.num_classes)
-        self._prepare_run_dir()
         bundle = build_engine(job)
         self.engine, self.sizes, self.dtype = bundle.engine, bundle.sizes, bundle.dtype
         self.model_fn = EngineModel(self.engine, self.dtype)
@@ -70,6 +69,7 @@ class Trainer:
         self.counters = TrainCounters()
         self.registry = self._register_state()
         self.resumed_from = resume(self.registry, self.ckpt_dir, job, self.sizes)
+        self._prepare_run_dir()  # after resume: a refused restart must not touch the run's job.yaml
         self.last_saved = self.step if self.resumed_from else -1
         self.writer = MetricsWriter(self.run_dir, job.output.tensorboard, job.train.total_steps)
         self._reset_timers()
