@@ -1,0 +1,312 @@
+"""Mutant check: small breaks of the README's rows, each of which its own test must catch.
+
+Every entry of MUTANTS is one edit (file, exact original text, replacement) and the fast
+test(s) that must FAIL once the edit is in. The runner copies the repository's files
+(git ls-files: tracked plus untracked-but-not-ignored) into a temporary directory, checks
+that the listed tests pass there as they are (baseline), then applies each edit alone,
+runs its tests against the copy (PYTHONPATH and cwd point at the copy, so every process the
+tests start, training launchers included, imports the copy's iddpm_ds) and puts the file
+back. Each edit is reported killed (its tests failed) or SURVIVED (they passed), with its
+time. Exit status 1 when an edit survived, when an original text is not found exactly once
+(the list went stale: re-anchor it on the new text), or when a test cannot run (not found,
+collection error, failing baseline).
+
+    python tests/mutants.py                 # baseline + every edit (CI: tests/test_mutants.py)
+    python tests/mutants.py --list          # the entries
+    python tests/mutants.py lr-anneal ema-rate --no-baseline   # some edits only
+
+Adding an entry: one Mutant(...) below; `original` must occur exactly once in the file
+(include enough context), and `tests` names pytest node ids or "file -k expr" selections
+that run in seconds. Check it with `python tests/mutants.py <name>`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    row: str               # the README promise it breaks
+    file: str              # relative to the repository root
+    original: str          # exact text, found exactly once in `file`
+    replacement: str
+    tests: tuple[str, ...]  # pytest selections, each "node_id" or "path -k expr"
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    Mutant("importance-weights", "importance weights",
+           "iddpm_ds/train/trainer.py",
+           'loss = self.guard.poison((losses["loss"] * weights).mean())',
+           'loss = self.guard.poison((losses["loss"]).mean())',
+           ("tests/test_train_math.py::test_importance_weights_scale_each_sample_gradient",)),
+    Mutant("lr-anneal", "lr anneal",
+           "iddpm_ds/train/engine.py",
+           "value *= max(0.0, 1.0 - k / anneal)",
+           "value *= max(0.0, 1.0 - k / (2 * anneal))",
+           ("tests/test_train_math.py::test_importance_weights_and_lr_schedule_past_warm_up",)),
+    Mutant("bf16-mixed-autocast", "bf16-mixed",
+           "iddpm_ds/train/ds_config.py",
+           'out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}',
+           "pass",
+           ("tests/test_train_math.py::test_bf16_mixed_autocasts_the_torso_inside_the_engine_forward",)),
+    Mutant("ema-rate", "EMA rate",
+           "iddpm_ds/train/ema.py",
+           "torch._foreach_add_(ema, source, alpha=1.0 - rate)",
+           "torch._foreach_add_(ema, source, alpha=rate)",
+           ("tests/test_ema.py::test_ema_matches_hand_computation[0-fp32]",)),
+    Mutant("grad-clip", "grad clip",
+           "iddpm_ds/train/ds_config.py",
+           '"gradient_clipping": train.grad_clip,',
+           '"gradient_clipping": 0.0,',
+           ("tests/test_train_math.py::test_grad_clip_bounds_the_norm_the_optimizer_sees",)),
+    Mutant("sampler-warm-up", "sampler warm-up",
+           "iddpm_ds/diffusion/timestep_sampler.py",
+           "return (self._total[: self.num_timesteps] >= self.history_per_term).all()",
+           "return (self._total[: self.num_timesteps] >= self.history_per_term).any()",
+           ("tests/test_timestep_sampler.py::test_warmup_is_uniform_until_every_timestep_is_full",)),
+    Mutant("sampler-all-gather", "the sampler's all-gather",
+           "iddpm_ds/diffusion/timestep_sampler.py",
+           "        if world == 1:\n            return None, packed.unsqueeze(0)",
+           "        if world >= 1:\n            return None, packed.unsqueeze(0)",
+           ("tests/test_timestep_sampler.py::test_two_ranks_unequal_batches_one_collective_match_reference",)),
+    Mutant("data-exactly-once", "exactly-once data",
+           "iddpm_ds/data/position.py",
+           "self.part = take(pool, rank * self.batches * bsz, (rank + 1) * self.batches * bsz)",
+           "self.part = take(pool, 0, self.batches * bsz)",
+           ("tests/test_data.py::test_plan_serves_each_position_once_across_chained_resumes",)),
+    Mutant("data-position-resume", "data-position resume",
+           "iddpm_ds/data/reader.py",
+           'self._offset, self._done = saved["worker_offset"], saved["batches_done"][cfg.rank]',
+           'self._offset, self._done = saved["worker_offset"], 0',
+           ("tests/test_data.py::test_resume_at_the_same_layout_yields_the_uninterrupted_batches[0]",)),
+    Mutant("guard-refuses-non-finite-save", "divergence guard's save refusal",
+           "iddpm_ds/train/trainer.py",
+           'raise Diverged("training diverged: non-finite fp32 master or EMA weights")',
+           "pass",
+           ("tests/test_rows_fast.py::test_save_is_refused_once_diverged",)),
+    Mutant("guard-refuses-save-after-streak", "divergence guard's save refusal",
+           "iddpm_ds/train/guard.py",
+           "        if self.longest >= self.limit:\n            raise Diverged(",
+           "        if self.longest > 10 ** 9:\n            raise Diverged(",
+           ("tests/test_rows_fast.py::test_save_is_refused_once_diverged",)),
+    Mutant("universal-conversion", "universal conversion",
+           "iddpm_ds/train/states.py",
+           "if saved_world_size != dist.world_size() and sharded:",
+           "if False:",
+           ("tests/test_rows_fast.py::test_zero1_checkpoint_of_2_ranks_resumes_on_1_rank",)),
+    Mutant("universal-load-flag", "universal conversion",
+           "iddpm_ds/train/universal.py",
+           "engine._config.load_universal_checkpoint = True",
+           "engine._config.load_universal_checkpoint = False",
+           ("tests/test_rows_fast.py::test_zero1_checkpoint_of_2_ranks_resumes_on_1_rank",)),
+    Mutant("gpu-placement", "GPU placement",
+           "iddpm_ds/placement.py",
+           "    return local_rank\n",
+           "    return 0\n",
+           ("tests/test_placement.py::test_launcher_with_all_devices_visible_uses_local_rank",)),
+    Mutant("spec-refusal", "spec refusal (a validator)",
+           "iddpm_ds/spec/job.py",
+           "if (self.batch_size is None) == (self.global_batch_size is None):",
+           "if False:",
+           ("tests/test_job_spec.py::test_exactly_one_batch_knob",)),
+    Mutant("preemption-signal", "preemption save",
+           "iddpm_ds/train/preempt.py",
+           "        self.received = signum\n",
+           "        pass\n",
+           ("tests/test_rows_fast.py::test_preemption_signal_saves_and_exits_75",)),
+    Mutant("preemption-save", "preemption save",
+           "iddpm_ds/train/trainer.py",
+           '                    dist.log0("preempted", step=self.step)\n                    self.save()\n',
+           '                    dist.log0("preempted", step=self.step)\n',
+           ("tests/test_rows_fast.py::test_preemption_signal_saves_and_exits_75",)),
+)
+
+PYTEST = ("-q", "-x", "-rf", "-p", "no:cacheprovider", "-o", "addopts=", "--no-header")
+EDIT_TIMEOUT_S = 300
+
+
+def selections(tests: tuple[str, ...]) -> list[list[str]]:
+    """Each test string as pytest arguments: "path::node" or "path -k expr"."""
+    return [shlex.split(test) for test in tests]
+
+
+def repo_files(root: Path) -> list[str]:
+    """The files a clean clone would hold, plus untracked ones not ignored (work in progress)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             cwd=root, capture_output=True, check=True).stdout.decode()
+        return [f for f in out.split("\0") if f and (root / f).is_file()]
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: the tree minus caches
+        skip = {".git", ".venv", "__pycache__", ".pytest_cache"}
+        return [str(p.relative_to(root)) for p in root.rglob("*")
+                if p.is_file() and not skip & set(p.relative_to(root).parts)]
+
+
+def copy_repo(root: Path, dest: Path) -> None:
+    for rel in repo_files(root):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, target)
+
+
+def stale(mutant: Mutant, root: Path) -> str | None:
+    """Why the edit cannot be applied to `root`'s copy of its file, or None."""
+    path = root / mutant.file
+    if not path.is_file():
+        return f"{mutant.file} does not exist"
+    count = path.read_text().count(mutant.original)
+    if count != 1:
+        where = "not found" if count == 0 else f"found {count} times"
+        return f"original text {where} in {mutant.file}: {mutant.original!r}"
+    return None
+
+
+def copy_env(copy: Path) -> dict[str, str]:
+    """The environment of every test run: the copy first on PYTHONPATH (before the venv's
+    editable install), no bytecode written (an edit of the same size within a second
+    must not be served from a stale .pyc), wide lines (pytest's failure summary whole)."""
+    keep = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            if p and Path(p).resolve() != ROOT]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(copy), *keep]),
+            "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "400",
+            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+
+
+def run_pytest(copy: Path, args: list[str], basetemp: Path, timeout: float) -> tuple[int | None, str]:
+    """pytest in the copy; (exit status or None on timeout, its output)."""
+    cmd = [sys.executable, "-m", "pytest", *PYTEST, f"--basetemp={basetemp}", *args]
+    try:
+        proc = subprocess.run(cmd, cwd=copy, env=copy_env(copy), capture_output=True, text=True,
+                              timeout=timeout, start_new_session=True)
+    except subprocess.TimeoutExpired as err:
+        out = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+        return None, out
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def check_imports_copy(copy: Path) -> None:
+    code = "import iddpm_ds; print(iddpm_ds.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=copy, env=copy_env(copy),
+                         capture_output=True, text=True, check=True).stdout.strip()
+    if not Path(out).resolve().is_relative_to(copy.resolve()):
+        raise SystemExit(f"mutants: the copy's tests would import {out}, not the copy in {copy}")
+
+
+def baseline(copy: Path, mutants: list[Mutant], tmp: Path) -> bool:
+    """Every listed test passes on the unedited copy (else a kill would mean nothing)."""
+    start = time.perf_counter()
+    ok = True
+    for args in _distinct(mutants):
+        code, out = run_pytest(copy, args, tmp / "baseline", EDIT_TIMEOUT_S)
+        if code != 0:
+            print(f"BASELINE FAILED ({_status(code)}): {' '.join(args)}\n{out[-3000:]}", flush=True)
+            ok = False
+    print(f"baseline: {'all listed tests pass' if ok else 'FAILED'} unedited "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return ok
+
+
+def _distinct(mutants: list[Mutant]) -> list[list[str]]:
+    """The listed selections in as few pytest runs as possible: every node id in one run
+    (one start-up, one session fixture), each "-k" selection on its own."""
+    nodes: list[str] = []
+    separate: list[list[str]] = []
+    for mutant in mutants:
+        for args in selections(mutant.tests):
+            if len(args) > 1:
+                if args not in separate:
+                    separate.append(args)
+            elif args[0] not in nodes:
+                nodes.append(args[0])
+    return ([nodes] if nodes else []) + separate
+
+
+def _status(code: int | None) -> str:
+    return {None: "timeout", 0: "passed", 1: "failed", 2: "interrupted/collection error",
+            3: "internal error", 4: "usage error (test not found?)",
+            5: "no tests collected"}.get(code, f"exit {code}")
+
+
+def _reason(out: str) -> str:
+    """pytest's one-line failure summary ("FAILED node - AssertionError: ..."), shortened."""
+    lines = out.splitlines()
+    failed = [line for line in lines if line.startswith("FAILED ")]
+    if not failed:
+        return ""
+    reason = failed[0][:240]
+    if reason.rstrip().endswith("ProcessRaisedException:"):  # a rank raised: say what
+        raised = [line for line in lines if line.startswith("E ") and line[1:].strip()]
+        reason += raised[-1][1:].strip()[:200] if raised else ""
+    return f"\n    {reason}"
+
+
+def run_mutant(mutant: Mutant, copy: Path, tmp: Path) -> str:
+    """Apply one edit to the copy, run its tests, restore the file; killed/SURVIVED/ERROR."""
+    why = stale(mutant, copy)
+    if why:
+        return f"STALE ({why})"
+    path = copy / mutant.file
+    text = path.read_text()
+    path.write_text(text.replace(mutant.original, mutant.replacement))
+    try:
+        for args in selections(mutant.tests):
+            code, out = run_pytest(copy, args, tmp / mutant.name, EDIT_TIMEOUT_S)
+            if code in (1, None):  # the test failed (or hung): the break was seen
+                return "killed" + (" (timeout)" if code is None else "") + _reason(out)
+            if code != 0:
+                return f"ERROR ({_status(code)}: {' '.join(args)})\n{out[-3000:]}"
+        return "SURVIVED"
+    finally:
+        path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="run only these entries (default: all)")
+    parser.add_argument("--list", action="store_true", help="print the entries and exit")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip running the tests unedited first")
+    args = parser.parse_args(argv)
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:32} {m.row:34} {m.file}  ->  {'; '.join(m.tests)}")
+        return 0
+    unknown = set(args.names) - {m.name for m in MUTANTS}
+    if unknown:
+        parser.error(f"unknown entries: {sorted(unknown)}")
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="iddpm-mutants-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        copy = tmp / "repo"
+        copy_repo(ROOT, copy)
+        check_imports_copy(copy)
+        failed = not args.no_baseline and not baseline(copy, chosen, tmp)
+        for mutant in chosen:
+            t0 = time.perf_counter()
+            result = run_mutant(mutant, copy, tmp)
+            print(f"{mutant.name:32} {result.splitlines()[0]:10} {time.perf_counter() - t0:6.1f} s"
+                  f"   [{mutant.row}] {mutant.file}", flush=True)
+            if "\n" in result:
+                print(result.split("\n", 1)[1], flush=True)
+            if not result.startswith("killed"):
+                failed = True
+    print(f"mutants: {len(chosen)} edits, {'FAILED' if failed else 'all killed'}, "
+          f"{time.perf_counter() - start:.0f} s in all", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
