@@ -76,3 +76,35 @@ def events(proc: subprocess.CompletedProcess, name: str) -> list[dict]:
         if start >= 0 and f'"event": "{name}"' in line:
             out.append(json.loads(line[start:]))
     return out
+
+
+# One 2-rank run per (ZeRO stage, precision), trained once per test session and shared by
+# the files that used to train the same grid each on their own (test_train: the loss falls,
+# a resume is bitwise; test_resume_world_size: the source of the 1- and 3-rank resumes).
+# Readers never write into it: a test that resumes copies the run dir first.
+DEMO_STEPS, DEMO_SAVED = 30, 25  # checkpoints at DEMO_SAVED (save_interval) and DEMO_STEPS
+DEMO_RUN = {"train.max_steps": DEMO_STEPS, "train.log_interval": 5,
+            "train.save_interval": DEMO_SAVED}
+
+
+def demo_job(tmp_path: Path, shards_dir: Path, stage: int, precision: str) -> Path:
+    """The shared run's job: tiny_job, DEMO_RUN's steps and saves, the given stage/precision."""
+    return tiny_job(tmp_path, shards_dir, **DEMO_RUN, **{"precision": precision,
+                                                         "deepspeed.zero_stage": stage})
+
+
+class DemoRuns:
+    """Trains a (stage, precision) run on first request; later requests get the same one."""
+
+    def __init__(self, base: Path, shards_dir: Path) -> None:
+        self.base, self.shards_dir = base, shards_dir
+        self._done: dict[tuple[int, str], tuple[Path, subprocess.CompletedProcess]] = {}
+
+    def get(self, stage: int, precision: str) -> tuple[Path, subprocess.CompletedProcess]:
+        """(run dir, the launcher's completed process) of the shared 2-rank run."""
+        key = (stage, precision)
+        if key not in self._done:
+            where = self.base / f"zero{stage}_{precision}"
+            proc = run_train(2, demo_job(where, self.shards_dir, stage, precision))
+            self._done[key] = (where / "run", proc)
+        return self._done[key]
