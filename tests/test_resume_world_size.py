@@ -9,8 +9,6 @@ in line with the run that never stopped.
 """
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -101,12 +99,7 @@ def test_resume_on_1_and_3_ranks(tmp_path, demo_runs, stage, precision):
     reference = metrics(two)
     for world in (1, 3):
         run_dir = tmp_path / f"on{world}"
-        shutil.copytree(two, run_dir)
-        for late in run_dir.glob(f"checkpoints/step{MORE:07d}"):
-            shutil.rmtree(late)
-        (run_dir / "checkpoints" / "latest").write_text(f"step{SAVED:07d}")
-        (run_dir / "metrics.jsonl").unlink()
-        _rewrite_run_dir(run_dir)
+        demo_runs.stopped_at_saved(stage, precision, run_dir)  # the copy, latest = SAVED
         got = run_ranks(_resume_worker, world, str(run_dir))[0]
         saved = _saved(run_dir, stage)
         assert got["step"] == SAVED and got["status"] == 0
@@ -123,12 +116,3 @@ def test_resume_on_1_and_3_ranks(tmp_path, demo_runs, stage, precision):
         assert latest == f"step{MORE:07d}"
         state = torch.load(run_dir / "checkpoints" / latest / "trainer_state.pt", weights_only=True)
         assert state["meta"]["world_size"] == world
-
-
-def _rewrite_run_dir(run_dir) -> None:
-    """The copied job.yaml still names the original run dir; point it at the copy."""
-    import yaml
-
-    spec = yaml.safe_load((run_dir / "job.yaml").read_text())
-    spec["output"]["run_dir"] = str(run_dir)
-    (run_dir / "job.yaml").write_text(yaml.safe_dump(spec))

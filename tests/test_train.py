@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train_utils import DEMO_SAVED, DEMO_STEPS, demo_job, events, metrics, run_train
+from train_utils import DEMO_SAVED, DEMO_STEPS, events, metrics, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -63,16 +63,16 @@ def _assert_same(a, b, path="state"):
 
 
 @pytest.mark.parametrize("stage,precision", [(2, "bf16"), (3, "fp32")])
-def test_resume_continues_with_identical_state(tmp_path, digits_shards, demo_runs, stage, precision):
+def test_resume_continues_with_identical_state(tmp_path, demo_runs, stage, precision):
     """DEMO_STEPS straight steps (the shared run) == DEMO_SAVED steps, stop, restart the same
-    command to DEMO_STEPS (bitwise)."""
+    command to DEMO_STEPS (bitwise). The stopped run is the shared run's dir as it stood at
+    its DEMO_SAVED checkpoint (a copy): nothing a restart reads is written after it."""
     straight, _ = demo_runs.get(stage, precision)
-    split = demo_job(tmp_path / "b", digits_shards, stage, precision)
-    run_train(2, split, f"train.max_steps={DEMO_SAVED}")
+    split = demo_runs.stopped_at_saved(stage, precision, tmp_path / "b")
     proc = run_train(2, split)  # the same command again: resumes by itself
     resumed = events(proc, "resumed")
     assert resumed and resumed[0]["step"] == DEMO_SAVED and resumed[0]["tag"] == f"step{DEMO_SAVED:07d}"
-    a, b = _state(straight, DEMO_STEPS), _state(tmp_path / "b" / "run", DEMO_STEPS)
+    a, b = _state(straight, DEMO_STEPS), _state(tmp_path / "b", DEMO_STEPS)
     _assert_same(a, b)
     # and training did move the weights between the two checkpoints
     saved = _state(straight, DEMO_SAVED)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,18 @@ class DemoRuns:
             proc = run_train(2, demo_job(where, self.shards_dir, stage, precision))
             self._done[key] = (where / "run", proc)
         return self._done[key]
+
+    def stopped_at_saved(self, stage: int, precision: str, dest: Path) -> Path:
+        """A copy of the shared run dir as a run stopped after DEMO_SAVED steps leaves it:
+        the later checkpoint and the metrics gone, `latest` on DEMO_SAVED, job.yaml pointing
+        at the copy. Returns the copy's job.yaml (the command that resumes it)."""
+        shutil.copytree(self.get(stage, precision)[0], dest)
+        for late in (dest / "checkpoints").glob("step*"):
+            if int(late.name[4:]) > DEMO_SAVED:
+                shutil.rmtree(late)
+        (dest / "checkpoints" / "latest").write_text(f"step{DEMO_SAVED:07d}")
+        (dest / "metrics.jsonl").unlink()
+        spec = yaml.safe_load((dest / "job.yaml").read_text())
+        spec["output"]["run_dir"] = str(dest)
+        (dest / "job.yaml").write_text(yaml.safe_dump(spec))
+        return dest / "job.yaml"
