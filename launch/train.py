@@ -67,18 +67,18 @@ def load(args: argparse.Namespace):
 
 def check(job, world_size: int) -> int:
     """--check: everything a user wants to see before spending GPU-hours."""
-    from iddpm_ds import build_model, dist
+    from iddpm_ds import dist
     from iddpm_ds.data import check_sources
     from iddpm_ds.spec.job import dump_job
     from iddpm_ds.train.ds_config import render_ds_config
-    from iddpm_ds.train.memory import model_state_bytes
+    from iddpm_ds.train.memory import count_parameters, model_state_bytes
 
     model = job.model  # the data must exist, decode and carry labels the model can embed
     data_lines = check_sources(job.data, image_size=model.image_size,
                                class_cond=model.class_cond, num_classes=model.num_classes)
     config = render_ds_config(job, world_size, dist.has_gpu(), dist.fp16_capable())
     layout = dist.layout(world_size)  # PlacementError: a local rank without a GPU
-    num_params = sum(p.numel() for p in build_model(job.model).parameters())
+    num_params = count_parameters(job.model)  # meta device: no weights are allocated
     memory = model_state_bytes(num_params, job, world_size)
     print("# resolved job spec\n" + dump_job(job))
     print(f"# DeepSpeed config at world size {world_size}\n" + json.dumps(config, indent=2))

@@ -23,3 +23,11 @@ def digits_shards(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(ROOT / "launch" / "make_shards.py"), "digits", "--out",
                     str(out), "--overwrite", "--quiet"], check=True, capture_output=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_runs(tmp_path_factory, digits_shards):
+    """Shared 2-rank demo runs by (ZeRO stage, precision): train_utils.DemoRuns."""
+    from train_utils import DemoRuns
+
+    return DemoRuns(tmp_path_factory.mktemp("demo_runs"), digits_shards)

@@ -1,23 +1,22 @@
 """Resume at another world size, ZeRO 0-3, fp32 and bf16 (ZeRO 1-3: through a universal
 checkpoint; ZeRO-0: its replicated engine state loads as is).
 
-2 real ranks train and save; the run dir is copied and resumed on 1 and on 3 real ranks.
+2 real ranks train and save (the session's shared demo run, train_utils.DemoRuns); its run
+dir is copied and resumed on 1 and on 3 real ranks from the checkpoint before the last.
 Right after the resume, model weights, Adam moments, EMA, sampler history and step must
 equal what was saved (tensors compared); then training continues and its losses must be
 in line with the run that never stopped.
 """
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from mp_utils import run_ranks
-from train_utils import metrics, run_train, tiny_job
+from train_utils import DEMO_SAVED, DEMO_STEPS, metrics
 
 pytestmark = pytest.mark.slow
-SAVED, MORE = 4, 8
+SAVED, MORE = DEMO_SAVED, DEMO_STEPS
 
 
 def _resume_worker(rank: int, world: int, run_dir: str) -> dict | None:
@@ -94,20 +93,13 @@ def _equal(a: dict, b: dict, what: str) -> None:
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_resume_on_1_and_3_ranks(tmp_path, digits_shards, stage, precision):
-    job = tiny_job(tmp_path / "two", digits_shards, **{
-        "train.max_steps": MORE, "train.save_interval": SAVED, "train.log_interval": SAVED,
-        "deepspeed.zero_stage": stage, "precision": precision})
-    run_train(2, job)  # the reference: 2 ranks, straight to MORE (checkpoint at SAVED kept)
-    reference = metrics(tmp_path / "two" / "run")
+def test_resume_on_1_and_3_ranks(tmp_path, demo_runs, stage, precision):
+    # the reference: 2 ranks, straight to MORE (checkpoints at SAVED and MORE kept)
+    two, _ = demo_runs.get(stage, precision)
+    reference = metrics(two)
     for world in (1, 3):
         run_dir = tmp_path / f"on{world}"
-        shutil.copytree(tmp_path / "two" / "run", run_dir)
-        for late in run_dir.glob(f"checkpoints/step{MORE:07d}"):
-            shutil.rmtree(late)
-        (run_dir / "checkpoints" / "latest").write_text(f"step{SAVED:07d}")
-        (run_dir / "metrics.jsonl").unlink()
-        _rewrite_run_dir(run_dir)
+        demo_runs.stopped_at_saved(stage, precision, run_dir)  # the copy, latest = SAVED
         got = run_ranks(_resume_worker, world, str(run_dir))[0]
         saved = _saved(run_dir, stage)
         assert got["step"] == SAVED and got["status"] == 0
@@ -116,7 +108,7 @@ def test_resume_on_1_and_3_ranks(tmp_path, digits_shards, stage, precision):
         _equal(got["ema"], saved["ema"], f"ema@{world}")
         _equal(got["sampler"], saved["sampler"], f"sampler@{world}")
         after = metrics(run_dir)
-        assert [r["step"] for r in after] == [MORE]
+        assert [r["step"] for r in after] == [MORE]  # log_interval 5: SAVED + 5 == MORE
         # in line with the uninterrupted run, and far from a fresh model's loss
         assert 0.6 * reference[-1]["mse"] < after[-1]["mse"] < 1.5 * reference[-1]["mse"], (reference, after)
         assert after[-1]["mse"] < 0.9 * reference[0]["mse"]
@@ -124,12 +116,3 @@ def test_resume_on_1_and_3_ranks(tmp_path, digits_shards, stage, precision):
         assert latest == f"step{MORE:07d}"
         state = torch.load(run_dir / "checkpoints" / latest / "trainer_state.pt", weights_only=True)
         assert state["meta"]["world_size"] == world
-
-
-def _rewrite_run_dir(run_dir) -> None:
-    """The copied job.yaml still names the original run dir; point it at the copy."""
-    import yaml
-
-    spec = yaml.safe_load((run_dir / "job.yaml").read_text())
-    spec["output"]["run_dir"] = str(run_dir)
-    (run_dir / "job.yaml").write_text(yaml.safe_dump(spec))

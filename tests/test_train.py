@@ -4,26 +4,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train_utils import events, metrics, run_train, tiny_job
+from train_utils import DEMO_SAVED, DEMO_STEPS, events, metrics, run_train
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_loss_falls_on_demo_data(tmp_path, digits_shards, stage, precision):
-    job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": 30, "precision": precision,
-                                               "deepspeed.zero_stage": stage})
-    proc = run_train(2, job)
-    logs = metrics(tmp_path / "run")
+def test_loss_falls_on_demo_data(demo_runs, stage, precision):
+    run_dir, proc = demo_runs.get(stage, precision)  # 2 ranks, DEMO_STEPS steps, shared
+    logs = metrics(run_dir)
     assert [r["step"] for r in logs] == [5, 10, 15, 20, 25, 30]
     first, last = logs[0], logs[-1]
     assert last["mse"] < 0.6 * first["mse"], (first, last)
     assert last["loss"] < first["loss"]
     assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in logs)
     assert len(logs[-1]["memory_mb_per_rank"]) == 2
-    assert events(proc, "train_done")[0]["step"] == 30
-    ckpt = tmp_path / "run" / "checkpoints"
+    assert events(proc, "train_done")[0]["step"] == DEMO_STEPS
+    ckpt = run_dir / "checkpoints"
     assert (ckpt / "latest").read_text() == "step0000030"
     exported = torch.load(ckpt / "step0000030" / "ema_0.9_000030.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in exported.values())
@@ -65,18 +63,17 @@ def _assert_same(a, b, path="state"):
 
 
 @pytest.mark.parametrize("stage,precision", [(2, "bf16"), (3, "fp32")])
-def test_resume_continues_with_identical_state(tmp_path, digits_shards, stage, precision):
-    """8 straight steps == 4 steps, stop, restart the same command to 8 (bitwise)."""
-    common = {"precision": precision, "deepspeed.zero_stage": stage, "train.save_interval": 4}
-    straight = tiny_job(tmp_path / "a", digits_shards, **common, **{"train.max_steps": 8})
-    run_train(2, straight)
-    split = tiny_job(tmp_path / "b", digits_shards, **common, **{"train.max_steps": 8})
-    run_train(2, split, "train.max_steps=4")
+def test_resume_continues_with_identical_state(tmp_path, demo_runs, stage, precision):
+    """DEMO_STEPS straight steps (the shared run) == DEMO_SAVED steps, stop, restart the same
+    command to DEMO_STEPS (bitwise). The stopped run is the shared run's dir as it stood at
+    its DEMO_SAVED checkpoint (a copy): nothing a restart reads is written after it."""
+    straight, _ = demo_runs.get(stage, precision)
+    split = demo_runs.stopped_at_saved(stage, precision, tmp_path / "b")
     proc = run_train(2, split)  # the same command again: resumes by itself
     resumed = events(proc, "resumed")
-    assert resumed and resumed[0]["step"] == 4 and resumed[0]["tag"] == "step0000004"
-    a, b = _state(tmp_path / "a" / "run", 8), _state(tmp_path / "b" / "run", 8)
+    assert resumed and resumed[0]["step"] == DEMO_SAVED and resumed[0]["tag"] == f"step{DEMO_SAVED:07d}"
+    a, b = _state(straight, DEMO_STEPS), _state(tmp_path / "b", DEMO_STEPS)
     _assert_same(a, b)
     # and training did move the weights between the two checkpoints
-    four = _state(tmp_path / "a" / "run", 4)
-    assert not torch.equal(next(iter(four["model"].values())), next(iter(a["model"].values())))
+    saved = _state(straight, DEMO_SAVED)
+    assert not torch.equal(next(iter(saved["model"].values())), next(iter(a["model"].values())))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,50 @@ def events(proc: subprocess.CompletedProcess, name: str) -> list[dict]:
         if start >= 0 and f'"event": "{name}"' in line:
             out.append(json.loads(line[start:]))
     return out
+
+
+# One 2-rank run per (ZeRO stage, precision), trained once per test session and shared by
+# the files that used to train the same grid each on their own (test_train: the loss falls,
+# a resume is bitwise; test_resume_world_size: the source of the 1- and 3-rank resumes).
+# Readers never write into it: a test that resumes copies the run dir first.
+DEMO_STEPS, DEMO_SAVED = 30, 25  # checkpoints at DEMO_SAVED (save_interval) and DEMO_STEPS
+DEMO_RUN = {"train.max_steps": DEMO_STEPS, "train.log_interval": 5,
+            "train.save_interval": DEMO_SAVED}
+
+
+def demo_job(tmp_path: Path, shards_dir: Path, stage: int, precision: str) -> Path:
+    """The shared run's job: tiny_job, DEMO_RUN's steps and saves, the given stage/precision."""
+    return tiny_job(tmp_path, shards_dir, **DEMO_RUN, **{"precision": precision,
+                                                         "deepspeed.zero_stage": stage})
+
+
+class DemoRuns:
+    """Trains a (stage, precision) run on first request; later requests get the same one."""
+
+    def __init__(self, base: Path, shards_dir: Path) -> None:
+        self.base, self.shards_dir = base, shards_dir
+        self._done: dict[tuple[int, str], tuple[Path, subprocess.CompletedProcess]] = {}
+
+    def get(self, stage: int, precision: str) -> tuple[Path, subprocess.CompletedProcess]:
+        """(run dir, the launcher's completed process) of the shared 2-rank run."""
+        key = (stage, precision)
+        if key not in self._done:
+            where = self.base / f"zero{stage}_{precision}"
+            proc = run_train(2, demo_job(where, self.shards_dir, stage, precision))
+            self._done[key] = (where / "run", proc)
+        return self._done[key]
+
+    def stopped_at_saved(self, stage: int, precision: str, dest: Path) -> Path:
+        """A copy of the shared run dir as a run stopped after DEMO_SAVED steps leaves it:
+        the later checkpoint and the metrics gone, `latest` on DEMO_SAVED, job.yaml pointing
+        at the copy. Returns the copy's job.yaml (the command that resumes it)."""
+        shutil.copytree(self.get(stage, precision)[0], dest)
+        for late in (dest / "checkpoints").glob("step*"):
+            if int(late.name[4:]) > DEMO_SAVED:
+                shutil.rmtree(late)
+        (dest / "checkpoints" / "latest").write_text(f"step{DEMO_SAVED:07d}")
+        (dest / "metrics.jsonl").unlink()
+        spec = yaml.safe_load((dest / "job.yaml").read_text())
+        spec["output"]["run_dir"] = str(dest)
+        (dest / "job.yaml").write_text(yaml.safe_dump(spec))
+        return dest / "job.yaml"

@@ -1,7 +1,19 @@
 """Per-rank memory estimate of the model states for a ZeRO stage (for `--check`)."""
 from __future__ import annotations
 
+import torch
+
+from ..models import build_model
 from ..spec.job import JobSpec
+from ..spec.model import ModelSpec
+
+
+def count_parameters(spec: ModelSpec) -> int:
+    """The model's exact parameter count, built on the meta device: shapes only, so the
+    280M-parameter paper models are counted in a fraction of a second and no memory."""
+    with torch.device("meta"):
+        model = build_model(spec)
+    return sum(p.numel() for p in model.parameters())
 
 
 def model_state_bytes(num_params: int, job: JobSpec, world_size: int) -> dict[str, float]:
