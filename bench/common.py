@@ -156,6 +156,24 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, reps: int = 10) -> flo
     return best
 
 
+# dense bf16 tensor-core peaks (vendor data sheets, no sparsity), by device-name fragment;
+# the first fragment found in the name wins (the PCIe and NVL H100s are slower than the SXM)
+DENSE_BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H100": 989e12,
+                   "A100": 312e12, "L40S": 362e12}
+
+
+def device_peak(device: torch.device, reps: int = 10) -> tuple[float, str]:
+    """The bf16 FLOP/s an MFU is taken against, and what it is: the data sheet's for a known
+    GPU, else this device's measured matmul peak (matmul_peak)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in DENSE_BF16_PEAK.items():
+            if key in name:
+                return peak, f"{name} dense bf16 peak {peak / 1e12:.0f} TFLOP/s"
+    peak = matmul_peak(torch.bfloat16, device, reps)
+    return peak, f"measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s"
+
+
 def step_flops(step: Callable[[], None]) -> int:
     """FLOPs of one training step (forward + backward), counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -1,39 +1,71 @@
 #!/usr/bin/env bash
 # The GPU check in one command: fp16 loss scaling with a forced overflow, bf16, ZeRO-2/3 on
-# one GPU, NCCL, img/s + MFU of the paper's ImageNet-64 job at the largest batch that fits,
-# and the sampler's no-host-sync test; one table. About 3-5 minutes on one H200.
+# one GPU, NCCL, img/s + MFU + peak memory of the paper's ImageNet-64 job at the largest
+# batch that fits, and the sampler's no-host-sync test; one Markdown table. At most 8 minutes
+# on one H100 or H200 (each row has a time budget; a row over it fails, the others run).
 #
-#   bash bench/gpu_check.sh            # on a GPU machine with torch installed
-#   bash bench/gpu_check.sh --dry-run  # the same rows on CPU at tiny sizes (CI runs this)
+#   bash bench/gpu_check.sh                 # on a GPU machine whose python3 has CUDA torch
+#   bash bench/gpu_check.sh --dry-run       # the same rows on CPU at tiny sizes (CI runs this)
+#   bash bench/gpu_check.sh --install-only  # install the carried wheels, then stop
 #
-# Machines without network: carry the wheels in .whl/ (gitignored), made with
-#   pip wheel --no-deps deepspeed==0.19.8 webdataset hjson braceexpand -w .whl/
-# (add wheels of anything else the machine lacks: every .whl there is installed, --no-deps).
+# A GPU machine without network needs nothing but python3 with torch, and .whl/ from here:
+#   bash bench/build_wheels.sh              # on a machine with network (pins: bench/gpu_wheels.txt)
+# then copy the repository with .whl/. The project's dependencies (pyproject.toml, less torch)
+# that the machine lacks, or has at a version the project cannot use, are installed from
+# .whl/ alone (pip --no-index); what it has and can use stays as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-NEEDED="deepspeed webdataset pydantic yaml PIL numpy tqdm"
 
-missing() {
-    "$PY" - "$@" <<'EOF'
-import importlib.util, sys
-print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
+dependencies() {  # pyproject.toml's [project] dependencies, torch left out (the machine's own)
+    "$PY" - <<'EOF'
+import re
+try:
+    import tomllib
+    requirements = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+except ImportError:  # Python 3.10: the list's own lines
+    block = re.search(r"^dependencies = \[(.*?)^\]", open("pyproject.toml").read(), re.S | re.M)
+    requirements = re.findall(r'"([^"]+)"', block.group(1))
+for requirement in requirements:
+    if re.split(r"[<>=!~ ;\[]", requirement)[0].lower() != "torch":
+        print(requirement)
 EOF
 }
 
-if [ -n "$(missing deepspeed webdataset)" ]; then
-    if ! ls .whl/*.whl >/dev/null 2>&1; then
-        echo "error: deepspeed/webdataset are not installed and .whl/ holds no wheels; run:" \
-             "pip wheel --no-deps deepspeed==0.19.8 webdataset hjson braceexpand -w .whl/" >&2
+install_wheels() {
+    local needed
+    needed=$(dependencies)
+    if [ ! -d .whl ]; then
+        # shellcheck disable=SC2086  # one requirement per word
+        if "$PY" - $needed <<'EOF'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from packaging.requirements import Requirement
+try:
+    sys.exit(0 if all(Requirement(r).specifier.contains(version(Requirement(r).name), prereleases=True)
+                      for r in sys.argv[1:]) else 1)
+except (PackageNotFoundError, ImportError):
+    sys.exit(1)
+EOF
+        then return 0; fi
+        echo "error: this python3 lacks the project's dependencies and there is no .whl/: run" \
+             "'bash bench/build_wheels.sh' on a machine with network and copy .whl/ here" >&2
         exit 2
     fi
-    echo "[gpu_check] installing the carried wheels: $(cd .whl && ls -- *.whl | tr '\n' ' ')" >&2
-    "$PY" -m pip install -q --no-deps --no-index --disable-pip-version-check .whl/*.whl >&2
-fi
-absent=$(missing $NEEDED)
-if [ -n "$absent" ]; then
-    echo "error: python modules missing: $absent (add their wheels to .whl/)" >&2
-    exit 2
+    # only .whl/: no index, and no pip configuration of this machine's adding other sources
+    # shellcheck disable=SC2086
+    if ! env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null \
+        "$PY" -m pip install -q --no-index --find-links .whl --disable-pip-version-check $needed >&2; then
+        echo "error: installing from .whl/ failed (above). Its wheels are for CPython" \
+             "$(cd .whl && ls -- pydantic_core-* 2>/dev/null | sed -E 's/.*-cp3([0-9]+)-.*/3.\1/' | tr '\n' ' ')" \
+             "and this is $("$PY" -V 2>&1): rebuild with WHEEL_PYTHONS=<version> bash bench/build_wheels.sh" >&2
+        exit 2
+    fi
+}
+
+install_wheels
+if [ "${1:-}" = "--install-only" ]; then
+    exit 0
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec "$PY" bench/gpu_check.py "$@"

@@ -8,6 +8,7 @@ import torch
 
 from .. import dist
 from ..models import build_model, set_kernels
+from ..placement import PlacementError
 from ..spec.job import JobSpec, TrainSpec
 from .ds_config import BatchSizes, render_ds_config, resolve_batch
 
@@ -44,6 +45,7 @@ def build_engine(job: JobSpec) -> EngineBundle:
     import deepspeed
 
     dist.prepare_deepspeed()
+    check_accelerator(deepspeed.get_accelerator().device_name(), dist.device())
     world = dist.world_size()
     ds_config = render_ds_config(job, world, dist.has_gpu(), dist.fp16_capable())
     torch.manual_seed(job.train.seed)
@@ -57,6 +59,18 @@ def build_engine(job: JobSpec) -> EngineBundle:
         engine.compile()
     return EngineBundle(engine=engine, sizes=resolve_batch(job.train, world),
                         ds_config=ds_config, dtype=COMPUTE_DTYPE[job.precision])
+
+
+def check_accelerator(accelerator: str, device: torch.device) -> None:
+    """DeepSpeed puts the model on its accelerator's device, the trainer puts each batch on
+    dist.device(): they must be of one kind, or the first step mixes devices. They part when
+    DS_ACCELERATOR=cpu (tests/conftest.py sets it) meets a visible GPU, or DS_ACCELERATOR=cuda
+    a rank without one."""
+    if accelerator != device.type:
+        raise PlacementError(
+            f"DeepSpeed's accelerator is {accelerator} (DS_ACCELERATOR) but this rank's device is "
+            f"{device}: set DS_ACCELERATOR={device.type} or unset it, or for a CPU run hide the GPUs "
+            "(CUDA_VISIBLE_DEVICES=)")
 
 
 class EngineModel:
