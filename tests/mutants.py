@@ -46,6 +46,16 @@ class Mutant:
 
 
 MUTANTS: tuple[Mutant, ...] = (
+    Mutant("fp16-zero0-loss-scale", "fp16 loss scaling",
+           "iddpm_ds/train/loss_scale.py",
+           "self._unscaled_backward = self.active and not engine.zero_optimization()",
+           "self._unscaled_backward = False",
+           ("tests/test_fp16.py::test_zero0_fp16_gradient_reaches_adamw_unscaled",)),
+    Mutant("fp16-overflow-not-divergence", "fp16 loss scaling",
+           "iddpm_ds/train/guard.py",
+           "bad = (self._loss_bad if self.fp16 else ~self.applied).long()",
+           "bad = (~self.applied).long()",
+           ("tests/test_fp16.py::test_overflow_skips_are_counted_not_divergence_and_scale_survives_resume",)),
     Mutant("importance-weights", "importance weights",
            "iddpm_ds/train/trainer.py",
            'loss = self.guard.poison((losses["loss"] * weights).mean())',

@@ -119,6 +119,18 @@ def test_unclipped_fp16_gradient_equals_the_fp32_gradient(gradients, stage):
         assert got == pytest.approx(gradients["fp32"], rel=2e-2), (got, gradients["fp32"])
 
 
+def test_zero0_fp16_gradient_reaches_adamw_unscaled(tmp_path, digits_shards):
+    """One rank, ZeRO-0 only (the stage DeepSpeed 0.19.8 gets wrong): the fast check the
+    mutant runner uses (tests/mutants.py)."""
+    common = {"train.lr": 1e-4, "deepspeed.zero_stage": 0}
+    jobs = {"fp32": _job(tmp_path, digits_shards, "fp32", **common),
+            "fp16": _job(tmp_path, digits_shards, "fp16", precision="fp16", **common,
+                         **{"deepspeed.overrides": {"fp16": {"initial_scale_power": 12}}})}
+    got = fp16_ranks(_gradient_worker, 1, jobs)[0]
+    assert got["fp16"]["optimizer"] == "FP16_UnfusedOptimizer"
+    assert got["fp16"]["norm"] == pytest.approx(got["fp32"]["norm"], rel=2e-2), got
+
+
 # ------------------------------------------- overflow, divergence, the floor, resume
 def _run_worker(rank: int, world: int, job_path: str, nan_from: int | None) -> dict:
     from iddpm_ds.spec.job import load_job
