@@ -90,11 +90,13 @@ def deepspeed_write_errors(engine: Any) -> Iterator[list[OSError]]:
                 return None
         return attempt
 
+    own_save = writer.save  # bound before the patch below shadows it
+
     def save(state_dict: Any, path: str) -> None:
         if plain:
             ckpt.atomic_torch_save(state_dict, Path(path), zipfile=zipfile)
         else:
-            writer.save(state_dict, path)
+            own_save(state_dict, path)
 
     patches = ((writer, "save", save), (writer, "makedirs", writer.makedirs),
                (engine, "_copy_recovery_script", getattr(engine, "_copy_recovery_script", None)))
