@@ -312,11 +312,12 @@ def _dynamics_worker(rank: int, world: int, jobs: dict[str, str]) -> dict:
 @pytest.mark.slow
 def test_loss_scale_starts_at_2_20_halves_on_overflow_doubles_after_1000_clean_steps(tmp_path, digits_shards):
     """The reference: lg_loss_scale 20 at start, -1 on overflow, +1e-3 per clean step (so
-    x2 after 1,000). Each engine's real scaler, built from ds_configs/fp16.json. DeepSpeed
+    x2 after 1,000). Each engine's real scaler, built from ds_configs/fp16.json: ZeRO-0's
+    FP16_UnfusedOptimizer and the DynamicLossScaler that ZeRO 1-3 share. DeepSpeed
     doubles in the update that ends the 1,001st clean step: the reference's lg_loss_scale
     reaches +1 one step earlier, a difference of one step in 1,000."""
     jobs = {str(stage): _job(tmp_path, digits_shards, f"s{stage}", precision="fp16",
-                             **{"deepspeed.zero_stage": stage}) for stage in (0, 1, 3)}
+                             **{"deepspeed.zero_stage": stage}) for stage in (0, 1)}
     traces = fp16_ranks(_dynamics_worker, 1, jobs)[0]
     for stage, trace in traces.items():
         assert trace[0] == 2.0 ** 20 and trace[1] == 2.0 ** 19, stage
