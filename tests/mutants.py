@@ -7,9 +7,10 @@ that the listed tests pass there as they are (baseline), then applies each edit 
 runs its tests against the copy (PYTHONPATH and cwd point at the copy, so every process the
 tests start, training launchers included, imports the copy's iddpm_ds) and puts the file
 back. Each edit is reported killed (its tests failed) or SURVIVED (they passed), with its
-time. Exit status 1 when an edit survived, when an original text is not found exactly once
-(the list went stale: re-anchor it on the new text), or when a test cannot run (not found,
-collection error, failing baseline).
+time; an edit whose tests all skip on this machine (GPU-only) is reported skipped and
+does not fail the run. Exit status 1 when an edit survived, when an original text is not
+found exactly once (the list went stale: re-anchor it on the new text), or when a test
+cannot run (not found, collection error, failing baseline).
 
     python tests/mutants.py                 # baseline + every edit (CI: tests/test_mutants.py)
     python tests/mutants.py --list          # the entries
@@ -262,6 +263,12 @@ def _reason(out: str) -> str:
     return f"\n    {reason}"
 
 
+def _all_skipped(out: str) -> bool:
+    """pytest's last line says only "N skipped in ..." (nothing ran, nothing passed)."""
+    last = out.strip().splitlines()[-1] if out.strip() else ""
+    return "skipped" in last and "passed" not in last and "failed" not in last
+
+
 def run_mutant(mutant: Mutant, copy: Path, tmp: Path) -> str:
     """Apply one edit to the copy, run its tests, restore the file; killed/SURVIVED/ERROR."""
     why = stale(mutant, copy)
@@ -270,6 +277,7 @@ def run_mutant(mutant: Mutant, copy: Path, tmp: Path) -> str:
     path = copy / mutant.file
     text = path.read_text()
     path.write_text(text.replace(mutant.original, mutant.replacement))
+    ran = False
     try:
         for args in selections(mutant.tests):
             code, out = run_pytest(copy, args, tmp / mutant.name, EDIT_TIMEOUT_S)
@@ -277,7 +285,8 @@ def run_mutant(mutant: Mutant, copy: Path, tmp: Path) -> str:
                 return "killed" + (" (timeout)" if code is None else "") + _reason(out)
             if code != 0:
                 return f"ERROR ({_status(code)}: {' '.join(args)})\n{out[-3000:]}"
-        return "SURVIVED"
+            ran = ran or not _all_skipped(out)  # a GPU-only test skips on a CPU machine
+        return "SURVIVED" if ran else "skipped (its tests skip on this machine)"
     finally:
         path.write_text(text)
 
@@ -304,16 +313,20 @@ def main(argv: list[str] | None = None) -> int:
         copy_repo(ROOT, copy)
         check_imports_copy(copy)
         failed = not args.no_baseline and not baseline(copy, chosen, tmp)
+        verdicts: dict[str, int] = {}
         for mutant in chosen:
             t0 = time.perf_counter()
             result = run_mutant(mutant, copy, tmp)
-            print(f"{mutant.name:32} {result.splitlines()[0]:10} {time.perf_counter() - t0:6.1f} s"
+            head, _, detail = result.partition("\n")
+            print(f"{mutant.name:32} {head:10} {time.perf_counter() - t0:6.1f} s"
                   f"   [{mutant.row}] {mutant.file}", flush=True)
-            if "\n" in result:
-                print(result.split("\n", 1)[1], flush=True)
-            if not result.startswith("killed"):
-                failed = True
-    print(f"mutants: {len(chosen)} edits, {'FAILED' if failed else 'all killed'}, "
+            if detail:
+                print(detail, flush=True)
+            verdict = head.split()[0]
+            verdicts[verdict] = verdicts.get(verdict, 0) + 1
+            failed = failed or verdict not in ("killed", "skipped")
+    counts = ", ".join(f"{n} {v}" for v, n in sorted(verdicts.items()))
+    print(f"mutants: {len(chosen)} edits ({counts}): {'FAILED' if failed else 'ok'}, "
           f"{time.perf_counter() - start:.0f} s in all", flush=True)
     return 1 if failed else 0
 

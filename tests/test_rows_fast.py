@@ -72,9 +72,9 @@ def test_save_is_refused_once_diverged(tmp_path, digits_shards):
         "deepspeed.zero_stage": 0, "train.schedule_sampler": "uniform"})
     out = run_ranks(_save_refusals, 1, str(job))[0]
     errors = dict(out["errors"])
-    assert errors["finite"] is None
-    assert errors["nan-weight"] and "non-finite fp32 master or EMA weights" in errors["nan-weight"]
-    assert errors["streak"] and "train.max_nonfinite_steps=2" in errors["streak"]
+    assert errors["finite"] is None, errors
+    assert "non-finite fp32 master or EMA weights" in (errors["nan-weight"] or "saved"), errors
+    assert "train.max_nonfinite_steps=2" in (errors["streak"] or "saved"), errors
     ckpt_dir = tmp_path / "run" / "checkpoints"
     assert out["step"] == 4
     assert (ckpt_dir / "latest").read_text() == ckpt.tag_for(1)  # only the finite save happened
