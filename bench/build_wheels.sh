@@ -32,14 +32,14 @@ deepspeed=$(PIN | grep '^deepspeed==')
 if ! ls "$OUT"/deepspeed-"${deepspeed#*==}"-*.whl >/dev/null 2>&1; then
     echo "[build_wheels] building $deepspeed (a source release) into a pure-Python wheel" >&2
     # no build isolation: its setup.py imports torch, which an isolated build would download
-    env -u DS_ACCELERATOR DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation \
+    env -u DS_ACCELERATOR DS_BUILD_OPS=0 "$PY" -m pip wheel -qq --no-deps --no-build-isolation \
         --disable-pip-version-check -w "$OUT" "$deepspeed" >&2
 fi
 platform_args=()
 for platform in "${PLATFORMS[@]}"; do platform_args+=(--platform "$platform"); done
 for version in $PYTHONS; do
     echo "[build_wheels] wheels for CPython $version" >&2
-    PIN | grep -v '^deepspeed==' | "$PY" -m pip download -q --no-deps --only-binary=:all: \
+    PIN | grep -v '^deepspeed==' | "$PY" -m pip download -qq --no-deps --only-binary=:all: \
         --disable-pip-version-check --implementation cp --python-version "$version" \
         "${platform_args[@]}" -d "$OUT" -r /dev/stdin >&2
 done
@@ -69,4 +69,4 @@ if missing:
     sys.exit(f"error: no wheel in {sys.argv[2]}/ for {', '.join(missing)}")
 EOF
 echo "[build_wheels] $OUT/: $(ls "$OUT"/*.whl | wc -l) wheels, $(du -sh "$OUT" | cut -f1)," \
-     "for CPython $PYTHONS, in $((SECONDS - began)) s" >&2
+     "for CPython $(echo $PYTHONS), in $((SECONDS - began)) s" >&2

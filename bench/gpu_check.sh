@@ -56,9 +56,16 @@ EOF
     # shellcheck disable=SC2086
     if ! env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null \
         "$PY" -m pip install -q --no-index --find-links .whl --disable-pip-version-check $needed >&2; then
-        echo "error: installing from .whl/ failed (above). Its wheels are for CPython" \
-             "$(cd .whl && ls -- pydantic_core-* 2>/dev/null | sed -E 's/.*-cp3([0-9]+)-.*/3.\1/' | tr '\n' ' ')" \
-             "and this is $("$PY" -V 2>&1): rebuild with WHEEL_PYTHONS=<version> bash bench/build_wheels.sh" >&2
+        local here built
+        here=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
+        built=$(cd .whl && ls -- pydantic_core-* 2>/dev/null | sed -E 's/.*-cp3([0-9]+)-.*/3.\1/' | tr '\n' ' ')
+        if ls .whl/pydantic_core-*-cp"$here"-* >/dev/null 2>&1; then
+            echo "error: installing from .whl/ failed (above): pin what is missing in" \
+                 "bench/gpu_wheels.txt and rerun bash bench/build_wheels.sh" >&2
+        else
+            echo "error: installing from .whl/ failed (above): its wheels are for CPython $built," \
+                 "this is $("$PY" -V 2>&1); rebuild with WHEEL_PYTHONS=<version> bash bench/build_wheels.sh" >&2
+        fi
         exit 2
     fi
 }
