@@ -91,9 +91,3 @@ def grad_norm(engine: Any) -> torch.Tensor | float | None:
     """Global gradient norm of the last step, as DeepSpeed computed it; None where the
     plain fp32 ZeRO-0 path computes none (the trainer then measures it before step())."""
     return engine.get_global_grad_norm()
-
-
-def loss_scale(engine: Any) -> float | None:
-    optimizer = getattr(engine, "optimizer", None)
-    scale = getattr(optimizer, "cur_scale", None) or getattr(optimizer, "loss_scale", None)
-    return float(scale) if scale is not None and engine.fp16_enabled() else None
