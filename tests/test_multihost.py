@@ -292,7 +292,7 @@ def failure_run(hosts: Hosts, tmp_path: Path, shards: list[str], timeout_s: int)
     return run, proc
 
 
-RESTART_STEPS = 40  # far enough that the failure lands mid-run; the restart trains to it
+RESTART_STEPS = 16  # far enough that the failure (right after step 3) lands mid-run; the restart trains to it
 
 
 def check_restart_resumes(run: Run) -> None:
