@@ -13,7 +13,7 @@ echo "[test.sh] machine check (a missing item below means those tests skip, neve
 if python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     echo "[test.sh]   GPU: present; the GPU-only tests run"
 else
-    echo "[test.sh]   GPU: none; the GPU-only tests skip (fp16 loss scaling, CUDA streams; run bench/gpu_check.sh on a GPU machine)"
+    echo "[test.sh]   GPU: none; the GPU-only tests skip (CUDA streams, NCCL; fp16 runs on CPU through the IDDPM_CPU_FP16 test seam; run bench/gpu_check.sh on a GPU machine)"
 fi
 if have slurmctld && have slurmd && have sbatch && have munged; then
     echo "[test.sh]   Slurm: installed; the Slurm tests start a private cluster and run"
