@@ -232,7 +232,7 @@ def _region_worker(rank: int, world: int, job_path: str) -> dict:
                 seen[name] = (type(mod).__name__, str(mod.weight.dtype), str(out.dtype))
             module.register_forward_hook(hook)
     x = torch.randn(2, 3, 16, 16)
-    out = EngineModel(bundle.engine, bundle.dtype)(x, torch.tensor([1, 7]), y=torch.tensor([0, 3]))
+    out = EngineModel(bundle.engine)(x, torch.tensor([1, 7]), y=torch.tensor([0, 3]))
     return {"seen": seen, "out": str(out.dtype), "regions": [Linear32.__name__, Conv2d32.__name__]}
 
 

@@ -79,9 +79,8 @@ class EngineModel:
     torso's dtype itself and computes its output head in fp32 (Float32Region), so the
     output is not rounded to 16 bit on the way out."""
 
-    def __init__(self, engine: Any, dtype: torch.dtype) -> None:
+    def __init__(self, engine: Any) -> None:
         self.engine = engine
-        self.dtype = dtype
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, **model_kwargs: Any) -> torch.Tensor:
         return self.engine(x.float(), timesteps, **model_kwargs).float()  # [N, C', H, W]

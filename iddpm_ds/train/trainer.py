@@ -54,7 +54,7 @@ class Trainer:
                               num_samples=job.train.eval_samples, num_classes=job.model.num_classes)
         bundle = build_engine(job)
         self.engine, self.sizes, self.dtype = bundle.engine, bundle.sizes, bundle.dtype
-        self.model_fn = EngineModel(self.engine, self.dtype)
+        self.model_fn = EngineModel(self.engine)
         self.diffusion = build_diffusion(job.diffusion)
         self.master = MasterWeights(self.engine)
         self.ema = EMA(self.master, job.train.ema_rate)
