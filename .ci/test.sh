@@ -25,4 +25,4 @@ if [ "$(id -u)" -eq 0 ] && have ip && have sshd && have pdsh; then
 else
     echo "[test.sh]   multi-host: needs root, iproute2, openssh-server and pdsh; the multi-host tests skip (bash .ci/run installs them)"
 fi
-exec python -m pytest -q --durations=30 "$@"
+exec python -m pytest -q -n 3 --dist loadgroup --durations=30 "$@"

@@ -104,9 +104,6 @@ def _sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.Comple
 class Hosts:
     """`count` hosts named iddpm<tag>-1.. ; `start()`, then `run`/`popen` on a host."""
 
-    _made_run_sshd = False           # this process created /run/sshd
-    _using_run_sshd: set[str] = set()  # tags of started harnesses whose sshd needs it
-
     def __init__(self, count: int) -> None:
         self.tag = secrets.token_hex(3)
         self.prefix = f"iddpm{self.tag}"
@@ -174,10 +171,10 @@ class Hosts:
         if not SSH_DROPIN_DIR.is_dir():
             raise RuntimeError(f"{SSH_DROPIN_DIR} missing: the ssh client cannot be configured")
         self.ssh_dropin.write_text(SSH_CLIENT_CONFIG.format(pattern=f"{self.prefix}-*", state=self.state))
-        if not RUN_SSHD.is_dir():  # sshd's privilege-separation directory
-            RUN_SSHD.mkdir(mode=0o755)
-            Hosts._made_run_sshd = True
-        Hosts._using_run_sshd.add(self.tag)
+        # sshd's privilege-separation directory, as openssh's tmpfiles.d entry makes it at
+        # boot. Made if missing and left in place: a harness of another test process (a
+        # pytest-xdist worker) may still run sshd that needs it.
+        RUN_SSHD.mkdir(mode=0o755, exist_ok=True)
 
     def _start_sshd(self, host: Host) -> None:
         folder = self.state / host.name
@@ -216,10 +213,6 @@ class Hosts:
         for netns in reversed(self._made):
             _sh("ip", "netns", "del", netns, check=False)
         self.ssh_dropin.unlink(missing_ok=True)
-        Hosts._using_run_sshd.discard(self.tag)
-        if Hosts._made_run_sshd and not Hosts._using_run_sshd:  # the last harness of ours
-            shutil.rmtree(RUN_SSHD, ignore_errors=True)
-            Hosts._made_run_sshd = False
         shutil.rmtree(self.state, ignore_errors=True)
         atexit.unregister(self.stop)
 

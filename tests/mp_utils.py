@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import socket
 import tempfile
 from pathlib import Path
@@ -17,10 +18,31 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+# ports per pytest-xdist worker, from 10000 up; three blocks end below 20000, where the
+# MASTER_PORT that dist derives from a Slurm job id (20000 + id % 20000) begins
+PORT_BLOCK, PORT_BLOCKS = 3000, 3
+_ports = random.Random()  # its own state: a test that seeds `random` must not fix the ports
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port free now, from this pytest-xdist worker's own block of ports.
+
+    CI runs the suite on several workers: with the kernel's ephemeral ports (bind to 0), two
+    workers could pick the same port before either launcher binds it, or an outgoing
+    connection could take it meanwhile. Each worker's block lies below the ephemeral range
+    (32768 and up) and apart from the others' (CI runs at most PORT_BLOCKS workers).
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # inherited by the tests' processes
+    index = int(worker[2:]) % PORT_BLOCKS if worker[2:].isdigit() else 0
+    low = 10000 + PORT_BLOCK * index
+    for port in _ports.sample(range(low, low + PORT_BLOCK), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{low + PORT_BLOCK - 1}")
 
 
 def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:

@@ -204,10 +204,11 @@ def test_disk_full_during_a_save_at_world_size_2(tmp_path, digits_shards):
 
 
 def _run_bounded(job: Path, bound: float) -> tuple[int, str]:
-    """The same command as run_train(2, job); a run past `bound` seconds (a rank left
+    """The command run_train(2, job) runs, through the deepspeed launcher (it passes the
+    ranks' exit status on); a run past `bound` seconds (a rank left
     waiting for another) fails the test, and its whole process tree is killed, so that no
     rank keeps the tmpfs busy."""
-    proc = subprocess.Popen(train_cmd(2, "--job", str(job)), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_cmd(2, "--job", str(job), launcher="deepspeed"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     try:

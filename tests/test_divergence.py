@@ -147,7 +147,7 @@ def test_diverging_run_stops_with_exit_3_and_finite_checkpoints(tmp_path, digits
         "train.max_steps": 60, "train.log_interval": 2, "train.save_interval": 2,
         "train.max_nonfinite_steps": 3, "output.keep_checkpoints": 2,
         "deepspeed.zero_stage": stage, "precision": precision})
-    proc = run_train(2, job, "train.lr=1e3", check=False)
+    proc = run_train(2, job, "train.lr=1e3", check=False, launcher="deepspeed")
     out = proc.stdout + proc.stderr
     assert proc.returncode == DIVERGED_EXIT, out[-4000:]
     errors = [line for line in out.splitlines() if line.startswith("error:")]

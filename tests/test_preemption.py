@@ -26,7 +26,7 @@ def start():
     def _start(job: Path, *sets: str) -> subprocess.Popen:
         args = ["--job", str(job)] + [a for s in sets for a in ("--set", s)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(train_cmd(2, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(train_cmd(2, *args, launcher="deepspeed"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, env=env, cwd=ROOT, start_new_session=True)
         started.append(proc)
         return proc

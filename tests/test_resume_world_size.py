@@ -2,7 +2,10 @@
 checkpoint; ZeRO-0: its replicated engine state loads as is).
 
 2 real ranks train and save (the session's shared demo run, train_utils.DemoRuns); its run
-dir is copied and resumed on 1 and on 3 real ranks from the checkpoint before the last.
+dir is copied and resumed on 1 or on 3 real ranks from the checkpoint before the last.
+The grid stage x precision x world size (4 x 2 x 2) runs pairwise: every (stage,
+precision) once, and every stage and every precision on both 1 and 3 ranks (CASES; the
+cover is checked below), half the resumes of the full product.
 Right after the resume, model weights, Adam moments, EMA, sampler history and step must
 equal what was saved (tensors compared); then training continues and its losses must be
 in line with the run that never stopped.
@@ -91,28 +94,37 @@ def _equal(a: dict, b: dict, what: str) -> None:
             assert torch.equal(a[key].cpu().float().flatten(), b[key].cpu().float().flatten()), f"{what}.{key}"
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_resume_on_1_and_3_ranks(tmp_path, demo_runs, stage, precision):
+# (stage, precision, world): 1 rank takes every rank's shards; 3 ranks split them unevenly
+CASES = [(0, "fp32", 1), (1, "fp32", 3), (2, "fp32", 1), (3, "fp32", 3),
+         (0, "bf16", 3), (1, "bf16", 1), (2, "bf16", 3), (3, "bf16", 1)]
+
+
+def test_cases_cover_every_pair():
+    assert {(s, p) for s, p, _ in CASES} == {(s, p) for s in range(4) for p in ("fp32", "bf16")}
+    assert {(s, w) for s, _, w in CASES} == {(s, w) for s in range(4) for w in (1, 3)}
+    assert {(p, w) for _, p, w in CASES} == {(p, w) for p in ("fp32", "bf16") for w in (1, 3)}
+
+
+@pytest.mark.parametrize("stage,precision,world", CASES)
+def test_resume_on_1_or_3_ranks(tmp_path, demo_runs, stage, precision, world):
     # the reference: 2 ranks, straight to MORE (checkpoints at SAVED and MORE kept)
     two, _ = demo_runs.get(stage, precision)
     reference = metrics(two)
-    for world in (1, 3):
-        run_dir = tmp_path / f"on{world}"
-        demo_runs.stopped_at_saved(stage, precision, run_dir)  # the copy, latest = SAVED
-        got = run_ranks(_resume_worker, world, str(run_dir))[0]
-        saved = _saved(run_dir, stage)
-        assert got["step"] == SAVED and got["status"] == 0
-        for key in ("model", "exp_avg", "exp_avg_sq"):
-            _equal(got[key], saved[key], f"{key}@{world}")
-        _equal(got["ema"], saved["ema"], f"ema@{world}")
-        _equal(got["sampler"], saved["sampler"], f"sampler@{world}")
-        after = metrics(run_dir)
-        assert [r["step"] for r in after] == [MORE]  # log_interval 5: SAVED + 5 == MORE
-        # in line with the uninterrupted run, and far from a fresh model's loss
-        assert 0.6 * reference[-1]["mse"] < after[-1]["mse"] < 1.5 * reference[-1]["mse"], (reference, after)
-        assert after[-1]["mse"] < 0.9 * reference[0]["mse"]
-        latest = (run_dir / "checkpoints" / "latest").read_text()
-        assert latest == f"step{MORE:07d}"
-        state = torch.load(run_dir / "checkpoints" / latest / "trainer_state.pt", weights_only=True)
-        assert state["meta"]["world_size"] == world
+    run_dir = tmp_path / f"on{world}"
+    demo_runs.stopped_at_saved(stage, precision, run_dir)  # the copy, latest = SAVED
+    got = run_ranks(_resume_worker, world, str(run_dir))[0]
+    saved = _saved(run_dir, stage)
+    assert got["step"] == SAVED and got["status"] == 0
+    for key in ("model", "exp_avg", "exp_avg_sq"):
+        _equal(got[key], saved[key], f"{key}@{world}")
+    _equal(got["ema"], saved["ema"], f"ema@{world}")
+    _equal(got["sampler"], saved["sampler"], f"sampler@{world}")
+    after = metrics(run_dir)
+    assert [r["step"] for r in after] == [MORE]  # log_interval 5: SAVED + 5 == MORE
+    # in line with the uninterrupted run, and far from a fresh model's loss
+    assert 0.6 * reference[-1]["mse"] < after[-1]["mse"] < 1.5 * reference[-1]["mse"], (reference, after)
+    assert after[-1]["mse"] < 0.9 * reference[0]["mse"]
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    assert latest == f"step{MORE:07d}"
+    state = torch.load(run_dir / "checkpoints" / latest / "trainer_state.pt", weights_only=True)
+    assert state["meta"]["world_size"] == world

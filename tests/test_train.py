@@ -1,4 +1,4 @@
-"""The training service end to end, in real processes (deepspeed launcher, gloo, 2 ranks)."""
+"""The training service end to end, in real processes (torchrun, gloo, 2 ranks)."""
 from __future__ import annotations
 
 import pytest
