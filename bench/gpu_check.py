@@ -14,7 +14,7 @@ Time: each row has a budget (Row.budget_s); a row over it fails and the next one
 the whole check ends within TOTAL_BUDGET_S on one H100 or H200. Exit status 1 if a row fails.
 
 --dry-run runs the same functions on CPU at tiny sizes: the CPU accelerator and gloo, fp16
-through the CPU fp16 test seam (dist.CPU_FP16_SEAM, set by the dry run only), one injected
+through the CPU fp16 test seam (env.CPU_FP16_SEAM, set by the dry run only), one injected
 out-of-memory error for the retry path; it skips, with the reason, only what needs a GPU
 (NCCL, CUDA sync detection) and has no allocator to read peak memory from.
 """
@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 
 if "--dry-run" in sys.argv:  # before torch is imported: a dry run never touches a GPU
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    os.environ["DS_ACCELERATOR"] = "cpu"  # the engine refuses an accelerator unlike dist.device()
+    os.environ["DS_ACCELERATOR"] = "cpu"  # the engine refuses an accelerator unlike placement.device()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -259,7 +259,7 @@ def check_precision_and_zero(ctx: Context, precision: str, stage: int) -> Result
 
 
 def check_nccl(ctx: Context) -> Result:
-    """The process group the service initialised (dist.init): its backend and a collective."""
+    """The process group the service initialised (group.init): its backend and a collective."""
     import torch.distributed as torch_dist
 
     backend, world = torch_dist.get_backend(), torch_dist.get_world_size()
@@ -521,17 +521,17 @@ def main() -> int:
     if not args.dry_run and not gpu:
         print("error: no GPU visible; use --dry-run for the CPU run", file=sys.stderr)
         return 2
-    from iddpm_ds import dist
+    from iddpm_ds.dist import env, group
 
     if args.dry_run:
-        os.environ[dist.CPU_FP16_SEAM] = "1"  # DeepSpeed's real fp16 engine, on CPU
+        os.environ[env.CPU_FP16_SEAM] = "1"  # DeepSpeed's real fp16 engine, on CPU
     began = time.perf_counter()
-    dist.init()
+    group.init()
     with tempfile.TemporaryDirectory() as tmp:
         ctx = make_context(gpu, Path(tmp))
         outcomes = run_rows(rows(), ctx)
     print(f"\n{machine_line(ctx, time.perf_counter() - began)}\n\n{markdown_table(outcomes, ctx)}")
-    dist.shutdown()
+    group.shutdown()
     return 1 if any(o.status == "FAIL" for o in outcomes) else 0
 
 

@@ -32,7 +32,8 @@ TASKS = {"sample": ("ddim50_img_per_s", "DDIM-50 sampling"), "bpd": ("bpd_img_pe
 
 
 def worker(args) -> None:
-    from iddpm_ds import dist
+    from iddpm_ds import placement
+    from iddpm_ds.dist import env, group
     from iddpm_ds.bpd import evaluate_bpd
     from iddpm_ds.diffusion import build_diffusion
     from iddpm_ds.image_sampler import SampleOptions, sample
@@ -40,8 +41,8 @@ def worker(args) -> None:
     from iddpm_ds.spec.diffusion import DiffusionSpec
     from iddpm_ds.spec.model import ModelSpec
 
-    dist.init()
-    device, rank, world = dist.device(), dist.rank(), dist.world_size()
+    group.init()
+    device, rank, world = placement.device(), env.rank(), env.world_size()
     spec = ModelSpec(**MODEL)
     torch.manual_seed(0)
     model = at_precision(build_model(spec).to(device).eval(), args.precision)
@@ -58,13 +59,13 @@ def worker(args) -> None:
         mine = [b for b in range(0, args.images, args.batch) if (b // args.batch) % world == rank]
         batches = [(torch.rand(min(args.batch, args.images - b), 3, 32, 32, generator=gen) * 2 - 1, {})
                    for b in mine]
-        dist.barrier()
+        group.barrier()
         start = time.perf_counter()
         result = evaluate_bpd(model, respaced, batches, device=device)  # all-reduce at the end
         out["bpd_img_per_s"] = result["num_samples"] / (time.perf_counter() - start)
-    if dist.is_main():
+    if env.is_main():
         print("RESULT " + json.dumps(out), flush=True)
-    dist.shutdown()
+    group.shutdown()
 
 
 def launch(args, world: int, precision: str) -> dict:

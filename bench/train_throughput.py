@@ -95,30 +95,31 @@ def phase_pass(steps: dict, clocks: dict, n: int, device, barrier) -> dict[str, 
 
 
 def worker(args) -> None:
-    from iddpm_ds import dist
+    from iddpm_ds import placement
+    from iddpm_ds.dist import env, group
 
-    dist.init()
-    world, device = dist.world_size(), dist.device()
+    group.init()
+    world, device = env.world_size(), placement.device()
     sampler = args.sampler or ("uniform" if world == 1 else "loss-second-moment")
     train = {k.split(".", 1)[1]: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     job = make_job(Path(args.shards), Path(args.run_dir), precision=args.precision,  # nothing saved
                    stage=args.zero_stage, workers=args.workers, sampler=sampler, train=train)
     peak = matmul_peak(torch.bfloat16 if "bf16" in args.precision else torch.float32, device)
     result = measure(job, args, world, device)
-    if dist.is_main():
+    if env.is_main():
         print("RESULT " + json.dumps({
             "world": world, "sampler": sampler, "precision": args.precision, "stage": args.zero_stage,
             "workers": args.workers, "set": args.set, "threads": torch.get_num_threads(),
             "peak": peak, "device": str(device), **result}), flush=True)
-    dist.shutdown()
+    group.shutdown()
 
 
 def measure(job, args, world: int, device) -> dict:
     """Warm-up, interleaved timed blocks, then the per-phase pass, of both loops."""
-    from iddpm_ds import dist
+    from iddpm_ds.dist import group
     from iddpm_ds.train.trainer import Trainer
 
-    barrier = dist.barrier if world > 1 else (lambda: None)
+    barrier = group.barrier if world > 1 else (lambda: None)
     trainer = Trainer(job)
     trainer._batches = iter(trainer.data)
     clocks = {"bare": PhaseClock(device), "service": PhaseClock(device)}

@@ -4,7 +4,7 @@ Public API::
 
     from iddpm_ds.bpd import evaluate_bpd, evaluate_shards
     result = evaluate_shards(model, diffusion, model_spec, data_spec, batch_size=16,
-                             num_samples=1000, device=dist.device())   # collective
+                             num_samples=1000, device=placement.device())   # collective
     result["bpd"], result["prior_bpd"], result["terms"]["vb"]
 
 Every rank evaluates its own held-out samples with `calc_bpd_loop` (no collective inside
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from . import dist
+from .dist import env
 from .diffusion import SpacedDiffusion
 from .spec.data import DataSpec
 from .spec.model import ModelSpec
@@ -64,7 +64,7 @@ class _BpdSums:
 
     def reduce(self) -> torch.Tensor:
         """The global sums on CPU (collective)."""
-        if dist.world_size() > 1:
+        if env.world_size() > 1:
             torch_dist.all_reduce(self.packed)
         return self.packed.cpu()
 
@@ -89,9 +89,9 @@ def evaluate_bpd(model: Any, diffusion: SpacedDiffusion, batches: Iterable[tuple
     per step in that order. Raises SamplingError when no rank saw a sample.
     """
     sums = _BpdSums(diffusion.num_timesteps, device)
-    show = progress and dist.is_main()
+    show = progress and env.is_main()
     with preserved_rng(device):
-        torch.manual_seed(noise_seed(seed, dist.rank()))
+        torch.manual_seed(noise_seed(seed, env.rank()))
         for batch in _progress(batches, show, total_batches):
             x, cond, mask = batch if len(batch) == 3 else (*batch, None)
             if mask is not None and not bool(mask.any()):  # padding batch (mask lives on CPU)
@@ -148,7 +148,7 @@ def evaluate_shards(model: Any, diffusion: SpacedDiffusion, model_spec: ModelSpe
         raise SamplingError("no held-out shards: set data.eval_shards (or give them explicitly)")
     stream = build_eval_stream(data_spec, image_size=model_spec.image_size,
                                class_cond=model_spec.class_cond, batch_size=batch_size,
-                               rank=dist.rank(), world_size=dist.world_size(),
+                               rank=env.rank(), world_size=env.world_size(),
                                num_samples=num_samples, num_classes=model_spec.num_classes)
     result = evaluate_bpd(model, diffusion, stream.padded(), device=device,
                           clip_denoised=clip_denoised, seed=seed, progress=progress,

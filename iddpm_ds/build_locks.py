@@ -9,13 +9,23 @@ silently, before training starts. torch records no owner in the file, so stalene
 judged here from who holds it open: nobody on this host, twice in a row, on a local file
 system (on a network file system the builder may be another node, so there the file must
 also be older than any build takes).
+
+prepare_deepspeed() applies this (and DeepSpeed's other build-time edits) before DeepSpeed
+starts: dist.group.init() calls it, and so does the engine builder.
 """
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+import torch
+
+from .dist import env, state
+from .dist.output import write_line
+from .placement import has_gpu
 
 # a shared home's builder may be another node: only a lock older than any build is stale there
 NETWORK_STALE_AGE_S = 900.0
@@ -133,3 +143,63 @@ def guard_builds(timeout_s: float) -> None:
 def stale_locks(root: Path) -> list[Path]:
     """The build locks under `root` that nobody holds (for a warning at start-up)."""
     return [lock for lock in build_locks(root) if is_stale(lock, recheck_s=0.2)]
+
+
+def prepare_deepspeed() -> None:
+    """Before DeepSpeed starts its comm backend or builds an op (idempotent): every JIT-build
+    wait bounded and stale-aware, and the shm op never built. dist.group.init() calls it; so
+    does the engine builder, for a process group that someone else made (a notebook, the
+    tests), where DeepSpeed's own init would otherwise build the shm op and wait on its lock
+    forever."""
+    guard_builds(state.job_spec().long_wait_timeout_s)  # a live build is solo work too
+    _skip_shm_op()
+    if env.cpu_fp16_seam() and not has_gpu():
+        _allow_cpu_fp16()
+
+
+def _allow_cpu_fp16() -> None:
+    """The test seam's one change to DeepSpeed: its CPU accelerator answers that fp16 is
+    supported, so the engine's sanity check passes and the real fp16 engine is built."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        accelerator.is_fp16_supported = lambda: True
+
+
+def _skip_shm_op() -> None:
+    """DeepSpeed JIT-builds its CPU shared-memory op at init (~1 min the first time, and a
+    stale lock if killed meanwhile), for tensor-parallel inference only: training and
+    sampling here never call it. DeepSpeed keeps one compatibility dict for edits."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":  # the only accelerator that builds it
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def warn_stale_locks() -> None:
+    """A stale lock stops only a run that loads its op (guard_builds); say so for the others,
+    once per node, so that the lock is removed before a job that needs the op meets it."""
+    if env.local_rank() != 0:
+        return
+    for lock in stale_locks(extensions_dir()):
+        write_line(f"warning: stale build lock {lock} (DeepSpeed's {lock.parent.name} op; this job "
+                   f"does not load it): a job that loads it would stop; remove it (rm {lock})")
+
+
+def extensions_dir() -> Path:
+    """Where torch builds this environment's JIT extensions (one folder per op)."""
+    override = env.extensions_dir_override()
+    if override is not None:
+        return Path(override)
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if torch.version.hip is not None:
+        accelerator = "rocm" + torch.version.hip.replace(".", "")
+    elif torch.version.cuda is not None:
+        accelerator = "cu" + torch.version.cuda.replace(".", "")
+    else:
+        accelerator = "cpu"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{python}_{accelerator}"

@@ -4,11 +4,11 @@ Public API::
 
     from iddpm_ds.image_sampler import SampleOptions, sample, write_samples
     from iddpm_ds.weights import WeightsChoice, load_weights, respaced
-    loaded = load_weights(WeightsChoice(run_dir=Path("runs/demo")), device=dist.device())
+    loaded = load_weights(WeightsChoice(run_dir=Path("runs/demo")), device=placement.device())
     diffusion = respaced(loaded.diffusion_spec, "ddim50")
     result = sample(loaded.model, diffusion, loaded.model_spec,
-                    SampleOptions(num_samples=64, use_ddim=True, seed=0), dist.device())
-    if dist.is_main():
+                    SampleOptions(num_samples=64, use_ddim=True, seed=0), placement.device())
+    if env.is_main():
         write_samples(result.images, result.labels, Path("out"))
 
 This module does the distribution (batches over ranks, gathering, the npz); the DDPM and
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from . import dist
+from .dist import env
 from .diffusion import SpacedDiffusion
 from .images import make_grid, save_png, to_uint8
 from .spec.model import ModelSpec
@@ -235,10 +235,10 @@ def sample(model: torch.nn.Module, diffusion: SpacedDiffusion, model_spec: Model
 
     Rank 0 gets every image in index order; the others get None."""
     check_labels(model_spec, opts.class_labels, opts.base_samples)
-    rank, world = dist.rank(), dist.world_size()
+    rank, world = env.rank(), env.world_size()
     mine = rank_batches(opts.num_samples, opts.batch_size, rank, world)
     rounds = math.ceil(math.ceil(opts.num_samples / opts.batch_size) / world)
-    bar = _progress_bar(opts.progress and dist.is_main(), rounds * diffusion.num_timesteps)
+    bar = _progress_bar(opts.progress and env.is_main(), rounds * diffusion.num_timesteps)
     images: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     start = time.perf_counter()
@@ -256,7 +256,7 @@ def sample(model: torch.nn.Module, diffusion: SpacedDiffusion, model_spec: Model
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
-    if not dist.is_main():
+    if not env.is_main():
         return SampleResult(None, None, seconds, opts.num_samples / seconds)
     all_labels = np.concatenate(labels).astype(np.int64) if labels else None
     return SampleResult(np.concatenate(images), all_labels, seconds, opts.num_samples / seconds)
@@ -277,7 +277,7 @@ def _gather_round(x: Optional[torch.Tensor], y: Optional[torch.Tensor], batch_si
 
     Batches are padded to batch_size so one all_gather of images and one of
     (count, labels) serve every backend; runs once per batch, never per step."""
-    world = dist.world_size()
+    world = env.world_size()
     if world == 1:
         return [(x.cpu(), y)] if x is not None else []
     size = model_spec.image_size
@@ -292,7 +292,7 @@ def _gather_round(x: Optional[torch.Tensor], y: Optional[torch.Tensor], batch_si
     metas = [torch.empty_like(meta) for _ in range(world)]
     torch_dist.all_gather(xs, x_pad)
     torch_dist.all_gather(metas, meta)
-    if not dist.is_main():
+    if not env.is_main():
         return []
     out = []
     for x_k, meta_k in zip(xs, metas):

@@ -1,7 +1,9 @@
-"""Which GPU a rank uses, and the job's layout over nodes: pure functions of launcher facts.
+"""Which GPU a rank uses, and the job's layout over nodes.
 
-`iddpm_ds.dist` reads the facts from the environment (the only module that does) and calls
-these; keeping them pure lets every launcher layout be tested on a machine without a GPU.
+The rules (gpu_index, plan_layout) are pure functions of launcher facts, so every launcher
+layout can be tested on a machine without a GPU; device(), layout() and place_on_device()
+apply them to this process, with the facts read by iddpm_ds.dist.env (the only module that
+reads the environment).
 
 The one rule: a rank uses the visible device numbered by its local rank, except when it
 sees a single device, which Slurm's per-task binding (`srun --gpus-per-task=1`,
@@ -12,9 +14,12 @@ ranks silently sharing one GPU) deep inside DeepSpeed.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Optional
+
+import torch
+
+from .dist import env, state
 
 FIX = ("start at most {count} rank(s) per node (deepspeed --num_gpus, torchrun --nproc_per_node, "
        "sbatch --ntasks-per-node) or give each task its own GPU (srun --gpus-per-task=1)")
@@ -58,16 +63,6 @@ def _describe(device_count: int, visible_devices: Optional[str]) -> str:
     return text
 
 
-def tasks_on_node(tasks_per_node: str, node_id: int) -> Optional[int]:
-    """Slurm's compressed per-node task counts ("4(x2),3") -> the count on node `node_id`."""
-    node = 0
-    for count, repeat in re.findall(r"(\d+)(?:\(x(\d+)\))?", tasks_per_node):
-        node += int(repeat or 1)
-        if node_id < node:
-            return int(count)
-    return None
-
-
 @dataclass(frozen=True)
 class Layout:
     """Where the job's ranks run: nodes x ranks per node, and each local rank's device."""
@@ -102,3 +97,51 @@ def plan_layout(world_size: int, nodes: Optional[int], ranks_per_node: Optional[
         index = gpu_index(local_rank, ranks_per_node, visible_devices, device_count)
         devices.append("cpu" if index is None else f"cuda:{index}")
     return Layout(world_size, nodes, ranks_per_node, tuple(devices), assumption)
+
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def fp16_capable() -> bool:
+    """Whether this process may train in fp16: a GPU, or the CPU test seam (dist.env)."""
+    return has_gpu() or env.cpu_fp16_seam()
+
+
+def _visible_gpus() -> tuple[Optional[str], int]:
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return env.visible_devices(), count
+
+
+def rank_device(local_rank: int) -> torch.device:
+    """The device of node-local rank `local_rank` here; PlacementError if it has no GPU."""
+    visible, count = _visible_gpus()
+    index = gpu_index(local_rank, env.local_world_size(), visible, count)
+    return torch.device("cpu") if index is None else torch.device("cuda", index)
+
+
+def device() -> torch.device:
+    """This rank's device: the one init() chose, or (before init) the one it would choose.
+    PlacementError if the rank has no GPU of its own."""
+    current = state.current()
+    return current.device if current is not None else rank_device(env.local_rank())
+
+
+def place_on_device(launcher_local_rank: int) -> torch.device:
+    """Pick this rank's GPU (PlacementError if it has none) and make DeepSpeed use it:
+    DeepSpeed takes LOCAL_RANK as the device index (engine, ZeRO-3 init, NCCL device_id),
+    which a per-task GPU binding (each task sees one device, index 0) contradicts."""
+    chosen = rank_device(launcher_local_rank)
+    if chosen.index is not None:
+        torch.cuda.set_device(chosen.index)
+        env.set_local_rank(chosen.index)
+    return chosen
+
+
+def layout(world: Optional[int] = None) -> Layout:
+    """Nodes, ranks per node and each local rank's device, for --check (PlacementError too)."""
+    world = world or env.world_size()
+    per_node = env.local_world_size() if env.launched_distributed() else None
+    nodes = env.num_nodes() if env.launched_distributed() else None
+    visible, count = _visible_gpus()
+    return plan_layout(world, nodes, per_node, visible, count)

@@ -6,7 +6,7 @@ Public API::
 
     from iddpm_ds.weights import WeightsChoice, load_weights, respaced
     loaded = load_weights(WeightsChoice(run_dir=Path("runs/demo"), ema_rate=0.9999),
-                          device=dist.device())
+                          device=placement.device())
     loaded.model, loaded.model_spec, loaded.diffusion_spec, loaded.source, loaded.step
     diffusion = respaced(loaded.diffusion_spec, "ddim50")
 

@@ -94,31 +94,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, result_out: TextIO) -> int:
-    from iddpm_ds import dist
+    from iddpm_ds import placement
+    from iddpm_ds.dist import env, output
     from iddpm_ds.bpd import evaluate_shards
     from iddpm_ds.models import at_precision
     from iddpm_ds.data import DataError
     from iddpm_ds.weights import SamplingError, load_weights, respaced
 
     try:
-        loaded = load_weights(weights_choice(args), dist.device())
+        loaded = load_weights(weights_choice(args), placement.device())
         diffusion = respaced(loaded.diffusion_spec, args.respacing)
         data = data_spec(args)
-        dist.log0("evaluate_start", source=str(loaded.source), weights=loaded.weights,
-                  step=loaded.step, steps=diffusion.num_timesteps, world_size=dist.world_size())
+        output.log0("evaluate_start", source=str(loaded.source), weights=loaded.weights,
+                    step=loaded.step, steps=diffusion.num_timesteps, world_size=env.world_size())
         result = evaluate_shards(at_precision(loaded.model, args.precision), diffusion,
                                  loaded.model_spec, data,
-                                 batch_size=args.batch_size, device=dist.device(),
+                                 batch_size=args.batch_size, device=placement.device(),
                                  num_samples=args.num_samples, clip_denoised=not args.no_clip,
                                  seed=args.seed, progress=not args.no_progress)
     except (SamplingError, DataError, OSError) as err:
-        dist.error0(str(err))
+        output.error0(str(err))
         return EXIT_BAD_INPUT
     result = {"source": str(loaded.source), "weights": loaded.weights, "step": loaded.step,
               "precision": args.precision,
               "respacing": args.respacing if args.respacing is not None
               else loaded.diffusion_spec.timestep_respacing, **result}
-    if dist.is_main():
+    if env.is_main():
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -36,10 +36,10 @@ def run_json_tool(args: Any, run: Callable[[Any, TextIO], int]) -> int:
     """run(args, result_out) inside json_stdout, with the process group (if launched as
     several ranks) set up before and torn down after."""
     with json_stdout() as result_out:
-        from iddpm_ds import dist
+        from iddpm_ds.dist import group
 
-        dist.init()
+        group.init()
         try:
             return run(args, result_out)
         finally:
-            dist.shutdown()
+            group.shutdown()

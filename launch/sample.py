@@ -98,14 +98,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, result_out: TextIO) -> int:
-    from iddpm_ds import dist
+    from iddpm_ds import placement
+    from iddpm_ds.dist import env, output
     from iddpm_ds.image_sampler import (SampleOptions, check_labels, load_base_samples, sample,
                                         write_samples)
     from iddpm_ds.models import at_precision
     from iddpm_ds.weights import SamplingError, load_weights, respaced
 
     try:
-        loaded = load_weights(weights_choice(args), dist.device())
+        loaded = load_weights(weights_choice(args), placement.device())
         diffusion = respaced(loaded.diffusion_spec, args.respacing)
         respacing = (args.respacing if args.respacing is not None
                      else loaded.diffusion_spec.timestep_respacing)
@@ -121,16 +122,16 @@ def run(args: argparse.Namespace, result_out: TextIO) -> int:
                              progress=not args.no_progress, base_samples=base)
         check_labels(loaded.model_spec, opts.class_labels, base)
     except (SamplingError, OSError) as err:
-        dist.error0(str(err))
+        output.error0(str(err))
         return EXIT_BAD_INPUT
     sampler = "ddim" if use_ddim else "ddpm"
-    dist.log0("sampling_start", source=str(loaded.source), weights=loaded.weights, step=loaded.step,
-              respacing=respacing, steps=diffusion.num_timesteps, sampler=sampler, eta=opts.eta,
-              precision=args.precision,
-              num_samples=opts.num_samples, world_size=dist.world_size())
+    output.log0("sampling_start", source=str(loaded.source), weights=loaded.weights, step=loaded.step,
+                respacing=respacing, steps=diffusion.num_timesteps, sampler=sampler, eta=opts.eta,
+                precision=args.precision,
+                num_samples=opts.num_samples, world_size=env.world_size())
     model = at_precision(loaded.model, args.precision)
-    result = sample(model, diffusion, loaded.model_spec, opts, dist.device())
-    if dist.is_main():
+    result = sample(model, diffusion, loaded.model_spec, opts, placement.device())
+    if env.is_main():
         out = args.out or default_out(args, loaded, respacing, sampler)
         npz, png = write_samples(result.images, result.labels, out, grid_count=args.grid_count)
         print(json.dumps({"npz": str(npz), "grid": str(png), "num_samples": opts.num_samples,
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace, result_out: TextIO) -> int:
                           "respacing": respacing, "steps": diffusion.num_timesteps,
                           "precision": args.precision,
                           "weights": loaded.weights, "step": loaded.step, "seed": opts.seed,
-                          "world_size": dist.world_size(), "seconds": round(result.seconds, 3),
+                          "world_size": env.world_size(), "seconds": round(result.seconds, 3),
                           "img_per_s": round(result.img_per_s, 3)}), file=result_out,
               flush=True)
     return 0

@@ -48,9 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def fail(message: str) -> int:
-    from iddpm_ds import dist
+    from iddpm_ds.dist import output
 
-    dist.error0(message)
+    output.error0(message)
     return EXIT_BAD_JOB
 
 
@@ -67,7 +67,7 @@ def load(args: argparse.Namespace):
 
 def check(job, world_size: int) -> int:
     """--check: everything a user wants to see before spending GPU-hours."""
-    from iddpm_ds import dist
+    from iddpm_ds import placement
     from iddpm_ds.data import check_sources
     from iddpm_ds.spec.job import dump_job
     from iddpm_ds.train.ds_config import render_ds_config
@@ -76,8 +76,8 @@ def check(job, world_size: int) -> int:
     model = job.model  # the data must exist, decode and carry labels the model can embed
     data_lines = check_sources(job.data, image_size=model.image_size,
                                class_cond=model.class_cond, num_classes=model.num_classes)
-    config = render_ds_config(job, world_size, dist.has_gpu(), dist.fp16_capable())
-    layout = dist.layout(world_size)  # PlacementError: a local rank without a GPU
+    config = render_ds_config(job, world_size, placement.has_gpu(), placement.fp16_capable())
+    layout = placement.layout(world_size)  # PlacementError: a local rank without a GPU
     num_params = count_parameters(job.model)  # meta device: no weights are allocated
     memory = model_state_bytes(num_params, job, world_size)
     print("# resolved job spec\n" + dump_job(job))
@@ -96,7 +96,7 @@ def check(job, world_size: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from iddpm_ds import dist
+    from iddpm_ds.dist import env
     from iddpm_ds.spec.job import JobSpec
 
     if args.schema:
@@ -121,21 +121,21 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.check:
         try:
-            return check(job, args.world_size if args.world_size is not None else dist.world_size())
+            return check(job, args.world_size if args.world_size is not None else env.world_size())
         except (ConfigError, DataError, PlacementError) as err:
             return fail(str(err))
     return train(job)
 
 
 def train(job) -> int:
-    from iddpm_ds import dist
+    from iddpm_ds.dist import group, output
     from iddpm_ds.data.errors import DataError
     from iddpm_ds.train.ds_config import ConfigError
     from iddpm_ds.train.resume import ResumeError
     from iddpm_ds.train.saver import CHECKPOINT_WRITE_FAILED_EXIT, CheckpointWriteError
     from iddpm_ds.train.trainer import Trainer
 
-    with dist.session(job.distributed):  # a rank that stops answering ends the job, one line
+    with group.session(job.distributed):  # a rank that stops answering ends the job, one line
         try:
             trainer = Trainer(job)
         except (ConfigError, DataError, ResumeError) as err:
@@ -143,10 +143,10 @@ def train(job) -> int:
         try:
             return trainer.run()
         except DataError as err:  # too many corrupt samples: any rank, so that rank tells
-            dist.error_line(str(err))
+            output.error_line(str(err))
             return EXIT_BAD_JOB
         except CheckpointWriteError as err:  # every rank, agreed: one line from rank 0
-            dist.error0(str(err))
+            output.error0(str(err))
             return CHECKPOINT_WRITE_FAILED_EXIT
 
 

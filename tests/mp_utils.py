@@ -52,9 +52,9 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, ar
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    from iddpm_ds import dist as iddpm_dist
+    from iddpm_ds.build_locks import prepare_deepspeed
 
-    iddpm_dist.prepare_deepspeed()  # as launch/ does: DeepSpeed's init must not build the shm op
+    prepare_deepspeed()  # as launch/ does: DeepSpeed's init must not build the shm op
     result = fn(rank, world_size, *args)  # an exception ends this rank: spawn reports it
     with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as fh:
         pickle.dump(result, fh)

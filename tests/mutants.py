@@ -114,7 +114,7 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_rows_fast.py::test_save_is_refused_once_diverged",)),
     Mutant("universal-conversion", "universal conversion",
            "iddpm_ds/train/states.py",
-           "if saved_world_size != dist.world_size() and sharded:",
+           "if saved_world_size != env.world_size() and sharded:",
            "if False:",
            ("tests/test_rows_fast.py::test_zero1_checkpoint_of_2_ranks_resumes_on_1_rank",)),
     Mutant("universal-load-flag", "universal conversion",
@@ -139,8 +139,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_rows_fast.py::test_preemption_signal_saves_and_exits_75",)),
     Mutant("preemption-save", "preemption save",
            "iddpm_ds/train/trainer.py",
-           '                    dist.log0("preempted", step=self.step)\n                    self.save()\n',
-           '                    dist.log0("preempted", step=self.step)\n',
+           '                    output.log0("preempted", step=self.step)\n                    self.save()\n',
+           '                    output.log0("preempted", step=self.step)\n',
            ("tests/test_rows_fast.py::test_preemption_signal_saves_and_exits_75",)),
 )
 

@@ -1,5 +1,5 @@
 """fp16 through DeepSpeed's real fp16 engine, on this CPU, through the test seam
-(IDDPM_CPU_FP16=1, iddpm_ds/dist.py): DeepSpeed's CPU accelerator refuses fp16, yet its
+(IDDPM_CPU_FP16=1, iddpm_ds/dist/env.py): DeepSpeed's CPU accelerator refuses fp16, yet its
 fp16 engine, optimizers and loss scaler run on torch's CPU half kernels.
 
 What the reference's fp16 does and these tests pin: the gradient AdamW steps with is the

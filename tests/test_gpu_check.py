@@ -1,6 +1,6 @@
 """bench/gpu_check.sh --dry-run: the GPU check's own functions on CPU, so it never rots;
 its batch fit, row budgets and table; and the engine's refusal of an accelerator that does
-not match dist.device() (the device the tests and the project must agree on)."""
+not match placement.device() (the device the tests and the project must agree on)."""
 from __future__ import annotations
 
 import os
@@ -111,13 +111,17 @@ def test_check_accelerator_refuses_a_device_of_another_kind():
 
 
 def test_build_engine_refuses_when_deepspeed_and_dist_disagree(tmp_path, monkeypatch):
-    """DS_ACCELERATOR=cpu here; dist.device() as a rank with a GPU would see it (its cached
-    value, the one input changed): the engine is refused before DeepSpeed builds anything."""
-    from iddpm_ds import dist
+    """DS_ACCELERATOR=cpu here; placement.device() as a rank with a GPU would see it (the
+    device init() fixed in the dist state, the one input changed): the engine is refused
+    before DeepSpeed builds anything."""
+    from iddpm_ds.dist import state
     from iddpm_ds.placement import PlacementError
+    from iddpm_ds.spec.distributed import DistributedSpec
     from iddpm_ds.train.engine import build_engine
 
     job = gpu_check().tiny_job(tmp_path, tmp_path / "run")
-    monkeypatch.setattr(dist, "_device", torch.device("cuda", 0))
+    as_gpu_rank = state.DistState(DistributedSpec(), launcher_local_rank=0,
+                                  device=torch.device("cuda", 0))
+    monkeypatch.setattr(state.SLOT, "state", as_gpu_rank)
     with pytest.raises(PlacementError, match="accelerator is cpu .* device is cuda:0"):
         build_engine(job)

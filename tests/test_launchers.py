@@ -3,7 +3,7 @@
 The deepspeed launcher with a hostfile (one host: a local launch, no ssh/pdsh, given
 --no_ssh_check and --master_addr), torchrun, and the environment plain `srun` gives each
 task (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/SLURM_JOB_NODELIST/SLURM_JOB_ID, no RANK),
-set by hand for two processes so that iddpm_ds/dist.py's mapping is proven without Slurm.
+set by hand for two processes so that iddpm_ds/dist/env.py's mapping is proven without Slurm.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_torchrun(tmp_path, digits_shards):
 
 
 def slurm_job_id_for_free_port() -> tuple[int, int]:
-    """dist.py picks MASTER_PORT = 20000 + SLURM_JOB_ID % 20000: choose an id whose port is free."""
+    """dist/env.py picks MASTER_PORT = 20000 + SLURM_JOB_ID % 20000: choose an id whose port is free."""
     for port in range(20000 + os.getpid() % 19000, 40000):
         with socket.socket() as sock:
             try:
@@ -103,7 +103,7 @@ def test_srun_style_environment_without_rank(tmp_path, digits_shards):
 
 
 def test_first_slurm_host_without_scontrol():
-    from iddpm_ds.dist import first_host
+    from iddpm_ds.dist.env import first_host
 
     assert first_host("gpu[07-09,12],cpu1") == "gpu07"
     assert first_host("node1,node2") == "node1"

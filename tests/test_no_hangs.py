@@ -16,7 +16,7 @@ from mp_utils import free_port
 from test_preemption import _finish, _logged_step, _ranks, _wait_for, start  # noqa: F401 (fixture)
 from train_utils import ROOT, TRAIN, tiny_job, train_cmd
 
-from iddpm_ds.dist import COLLECTIVE_FAILED_EXIT  # 4: distinct from divergence (3)
+from iddpm_ds.dist.failures import COLLECTIVE_FAILED_EXIT  # 4: distinct from divergence (3)
 
 
 def _error_lines(out: str) -> list[str]:
@@ -80,26 +80,26 @@ def _group_timeouts(rank: int, job_path: str) -> list[float]:
     import torch
     from torch.distributed import distributed_c10d
 
-    from iddpm_ds import dist
+    from iddpm_ds.dist import group
     from iddpm_ds.spec.job import load_job
     from iddpm_ds.train.engine import build_engine
     from iddpm_ds.train.preempt import PreemptionWatch
 
     job = load_job(job_path)
-    dist.init(job.distributed)
+    group.init(job.distributed)
     build_engine(job)                      # DeepSpeed makes its own groups here
     watch = PreemptionWatch(1)
     groups = list(distributed_c10d._world.pg_map)
     seconds = [g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in groups]
     watch.restore()
-    dist.shutdown()
+    group.shutdown()
     return seconds
 
 
 @pytest.mark.slow
 def test_every_process_group_carries_the_job_timeouts(tmp_path, digits_shards):
     """The world group, DeepSpeed's groups (made without a timeout: torch's default 30 min
-    unless dist.init bounds it) and the long-wait group all carry the job's values."""
+    unless group.init bounds it) and the long-wait group all carry the job's values."""
     job = tiny_job(tmp_path, digits_shards, **{"distributed": {"collective_timeout_s": 77,
                                                                "long_wait_timeout_s": 999}})
     for seconds in _run_two(_group_timeouts, str(job)):
@@ -109,19 +109,19 @@ def test_every_process_group_carries_the_job_timeouts(tmp_path, digits_shards):
 
 
 def _rank0_works(rank: int, work_s: float, collective_s: int, long_s: int) -> str:
-    from iddpm_ds import dist
+    from iddpm_ds.dist import failures, group
     from iddpm_ds.spec.distributed import DistributedSpec
 
-    dist.init(DistributedSpec(collective_timeout_s=collective_s, long_wait_timeout_s=long_s))
+    group.init(DistributedSpec(collective_timeout_s=collective_s, long_wait_timeout_s=long_s))
     if rank == 0:
         time.sleep(work_s)  # rank 0's solo work (a conversion, an export, a grid)
     try:
-        dist.wait_for_main("the test's work")
+        group.wait_for_main("the test's work")
         outcome = "ok"
-    except dist.CollectiveFailure as err:
+    except failures.CollectiveFailure as err:
         outcome = str(err)
     if outcome == "ok":
-        dist.shutdown()
+        group.shutdown()
     return outcome
 
 
@@ -211,7 +211,7 @@ def test_stale_lock_of_an_op_the_job_never_loads_is_a_warning(tmp_path, digits_s
 
 @pytest.mark.slow
 def test_engine_in_a_group_made_elsewhere_never_waits_on_the_shm_lock(tmp_path, digits_shards):
-    """A process group made outside dist.init (a notebook, a test harness) and a stale
+    """A process group made outside group.init (a notebook, a test harness) and a stale
     deepspeed_shm_comm lock: DeepSpeed's own comm init would build that op and wait on the
     lock forever (it hung the last CI run 600 s per test); build_engine skips the op."""
     extensions = tmp_path / "torch_extensions"
@@ -256,7 +256,7 @@ def test_lock_held_open_is_live_and_an_orphan_is_stale(tmp_path):
 
 _WRITER = """
 import sys
-from iddpm_ds import dist
+from iddpm_ds.dist import output
 tag, n = sys.argv[1], int(sys.argv[2])
 message = f"rank {tag}: all_reduce at x.py:1 (f) lost its connection to another rank " + "x" * 300
 for _ in range(n):
@@ -264,8 +264,8 @@ for _ in range(n):
 """
 
 
-@pytest.mark.parametrize("call", ["dist.error_line(message)",
-                                  "dist.log('collective_failed', detail=message)"])
+@pytest.mark.parametrize("call", ["output.error_line(message)",
+                                  "output.log('collective_failed', detail=message)"])
 def test_ranks_sharing_the_launchers_pipe_never_fuse_their_lines(call):
     """Ranks of a node write to one pipe (the launcher's, then pdsh's per line). print() writes
     the text and its newline in two calls, so two ranks' errors once fused into one line

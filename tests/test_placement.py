@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from iddpm_ds.placement import PlacementError, gpu_index, plan_layout, tasks_on_node
+from iddpm_ds.dist.env import tasks_on_node
+from iddpm_ds.placement import PlacementError, gpu_index, plan_layout
 from train_utils import ROOT
 
 

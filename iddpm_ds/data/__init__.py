@@ -4,7 +4,7 @@ Public API::
 
     from iddpm_ds.data import build_train_stream, build_eval_stream, check_sources
     stream = build_train_stream(spec.data, image_size=32, class_cond=True, batch_size=64,
-                                rank=dist.rank(), world_size=dist.world_size(), seed=0,
+                                rank=env.rank(), world_size=env.world_size(), seed=0,
                                 num_classes=10)
     stream.load_state_dict(all_ranks_states)      # optional, before iterating
     for x, cond in stream: ...                    # endless; x [N, 3, H, W] in [-1, 1]

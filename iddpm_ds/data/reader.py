@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .. import dist
+from .. import placement
+from ..dist import output
 from ..spec.data import DataSpec
 from .errors import AllCorruptError, DataError
 from .position import (Layout, RankPlan, flat_to_positions, full_pool, make_state,
@@ -211,9 +212,9 @@ class TrainStream:
         self._epoch, self._history = epoch, history
         self._pool = replay(cfg.shards.total, history, cfg.seed, epoch)
         self._epoch_batches = pool_size(self._pool) // (cfg.world_size * cfg.batch_size)
-        dist.log0("data_resume", epoch=epoch, segments=len(history), exact=exact,
-                  batches_left=self.batches_left_in_epoch,
-                  samples_left=self.batches_left_in_epoch * cfg.batch_size * cfg.world_size)
+        output.log0("data_resume", epoch=epoch, segments=len(history), exact=exact,
+                    batches_left=self.batches_left_in_epoch,
+                    samples_left=self.batches_left_in_epoch * cfg.batch_size * cfg.world_size)
         self._skip_empty_epoch()
 
     def state_dict(self) -> dict:
@@ -243,7 +244,7 @@ class TrainStream:
         dataset = _TrainDataset(cfg, start)
         loader = DataLoader(dataset, batch_size=None, num_workers=spec.num_workers,
                             prefetch_factor=spec.prefetch_factor if spec.num_workers else None,
-                            pin_memory=dist.has_gpu(),
+                            pin_memory=placement.has_gpu(),
                             multiprocessing_context=WORKER_START if spec.num_workers else None,
                             collate_fn=_as_is, generator=_private_generator(cfg.seed))
         self._loader_iter = iter(loader)
@@ -341,16 +342,16 @@ def build_train_stream(spec: DataSpec, *, image_size: int, class_cond: bool, bat
                   max(1, spec.num_workers), seed, spec.shuffle_shards, spec.shuffle_buffer,
                   spec.random_flip, _probe(shards, image_size, class_cond, num_classes),
                   num_classes)
-    dist.log0("data_train", shards=len(shards.urls), samples=shards.total,
-              batches_per_epoch=shards.total // (world_size * batch_size))
+    output.log0("data_train", shards=len(shards.urls), samples=shards.total,
+                batches_per_epoch=shards.total // (world_size * batch_size))
     return TrainStream(cfg, spec)
 
 
 def _warn_size(shards: ShardList, image_size: int) -> None:
     if shards.image_size is not None and shards.image_size != image_size:
-        dist.log0("data_image_size_mismatch", stored=shards.image_size, wanted=image_size,
-                  note="the shards were resized at writing time; resizing again is not the "
-                       "reference preprocessing of the originals")
+        output.log0("data_image_size_mismatch", stored=shards.image_size, wanted=image_size,
+                    note="the shards were resized at writing time; resizing again is not the "
+                         "reference preprocessing of the originals")
 
 
 class _EvalDataset(IterableDataset):
@@ -430,7 +431,7 @@ class EvalStream:
         loader = DataLoader(_EvalDataset(cfg, self._start, self._stop), batch_size=None,
                             num_workers=workers,
                             prefetch_factor=spec.prefetch_factor if workers else None,
-                            pin_memory=dist.has_gpu(), collate_fn=_as_is,
+                            pin_memory=placement.has_gpu(), collate_fn=_as_is,
                             multiprocessing_context=WORKER_START if workers else None,
                             generator=_private_generator(cfg.seed))
         for x, y, meta, valid in loader:
@@ -449,7 +450,7 @@ def build_eval_stream(spec: DataSpec, *, image_size: int, class_cond: bool, batc
     shards = resolve_field(spec, "eval_shards", class_cond, num_classes)
     total = shards.total if num_samples is None else min(num_samples, shards.total)
     if num_samples is not None and num_samples > shards.total:
-        dist.log0("data_eval_short", asked=num_samples, available=shards.total)
+        output.log0("data_eval_short", asked=num_samples, available=shards.total)
     cfg = _Config(shards, image_size, class_cond, batch_size, rank, world_size,
                   max(1, spec.num_workers), 0, False, 0, False,
                   _probe(shards, image_size, class_cond, num_classes), num_classes)

@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .. import dist
+from ..dist import output
 from .errors import TooManyCorruptError
 from .preprocess import DECODABLE_EXTENSIONS, IMAGE_EXTENSIONS, preprocess_bytes
 from .sources import open_url
@@ -110,8 +110,8 @@ def _read_shard(shard: int, ranges: list[tuple[int, int]], urls: Sequence[str],
     for first, end in ranges:
         first = int(min(end, max(first, lost)))
         if first < end and log:
-            dist.log("data_shard_damaged", shard=names[shard], first_sample=first,
-                     missing=end - first, reason=problem)
+            output.log("data_shard_damaged", shard=names[shard], first_sample=first,
+                       missing=end - first, reason=problem)
         for missing in range(first, end):
             yield RawSample(names[shard], missing, None, None, problem)
 
@@ -167,8 +167,8 @@ class BatchFiller:
         """One line per corrupt sample, thinned out once a worker has seen many."""
         total = self.corrupt_total
         if total <= LOG_EVERY_AFTER or total % LOG_EVERY_AFTER == 0:
-            dist.log("data_corrupt_sample", shard=raw.shard, key=raw.key, sample=raw.index,
-                     reason=reason, worker_corrupt_total=total)
+            output.log("data_corrupt_sample", shard=raw.shard, key=raw.key, sample=raw.index,
+                       reason=reason, worker_corrupt_total=total)
 
 
 class CorruptWindow:

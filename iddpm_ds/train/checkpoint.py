@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
-from .. import dist
+from ..dist import env
 
 TAG_RE = re.compile(r"^step(\d{7,})$")
 COMPLETE = "complete.json"
@@ -86,7 +86,7 @@ class _ErrnoKeeper:
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{dist.rank()}")
+    tmp = path.with_name(f".{path.name}.tmp{env.rank()}")
     try:
         with open(tmp, "wb") as fh:
             write(fh)

@@ -94,7 +94,7 @@ def _engine_settings(ds: DeepSpeedSpec, precision: str, has_gpu: bool) -> dict[s
 def render_ds_config(job: JobSpec, world_size: int, has_gpu: bool,
                      fp16_ok: bool | None = None) -> dict[str, Any]:
     """The final DeepSpeed config for this job at this world size. `fp16_ok` (default:
-    `has_gpu`) is whether fp16 may run here: a GPU, or the CPU test seam (dist.fp16_capable)."""
+    `has_gpu`) is whether fp16 may run here: a GPU, or the CPU test seam (placement.fp16_capable)."""
     if job.precision == "fp16" and not (has_gpu if fp16_ok is None else fp16_ok):
         raise ConfigError("precision: fp16 needs a GPU (DeepSpeed's CPU accelerator refuses fp16); "
                           "use precision: bf16 or fp32 on this machine")

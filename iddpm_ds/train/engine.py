@@ -6,7 +6,8 @@ from typing import Any, Callable
 
 import torch
 
-from .. import dist
+from .. import build_locks, placement
+from ..dist import env
 from ..models import build_model, set_kernels
 from ..placement import PlacementError
 from ..spec.job import JobSpec, TrainSpec
@@ -44,10 +45,10 @@ def build_engine(job: JobSpec) -> EngineBundle:
     lr schedule; DeepSpeed owns masters, loss scaling, accumulation and clipping."""
     import deepspeed
 
-    dist.prepare_deepspeed()
-    check_accelerator(deepspeed.get_accelerator().device_name(), dist.device())
-    world = dist.world_size()
-    ds_config = render_ds_config(job, world, dist.has_gpu(), dist.fp16_capable())
+    build_locks.prepare_deepspeed()
+    check_accelerator(deepspeed.get_accelerator().device_name(), placement.device())
+    world = env.world_size()
+    ds_config = render_ds_config(job, world, placement.has_gpu(), placement.fp16_capable())
     torch.manual_seed(job.train.seed)
     model = build_model(job.model)
     set_kernels(model, attention=job.train.attention_kernel, channels_last=job.train.channels_last)
@@ -63,7 +64,7 @@ def build_engine(job: JobSpec) -> EngineBundle:
 
 def check_accelerator(accelerator: str, device: torch.device) -> None:
     """DeepSpeed puts the model on its accelerator's device, the trainer puts each batch on
-    dist.device(): they must be of one kind, or the first step mixes devices. They part when
+    placement.device(): they must be of one kind, or the first step mixes devices. They part when
     DS_ACCELERATOR=cpu (tests/conftest.py sets it) meets a visible GPU, or DS_ACCELERATOR=cuda
     a rank without one."""
     if accelerator != device.type:

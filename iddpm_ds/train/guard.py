@@ -31,7 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from .. import dist
+from .. import placement
+from ..dist import env
 
 DIVERGED_EXIT = 3  # documented in README and launch/train.py
 
@@ -126,7 +127,7 @@ class DivergenceGuard:
         """Read the counters (host sync; log intervals and saves only, on every rank: the
         verdicts are global, so every rank reads the same numbers)."""
         counters = torch.stack([self._streak, self._longest, self._skipped])
-        if self.fp16 and dist.world_size() > 1:  # the loss flag is per rank: agree on the worst
+        if self.fp16 and env.world_size() > 1:  # the loss flag is per rank: agree on the worst
             torch_dist.all_reduce(counters, op=torch_dist.ReduceOp.MAX)
         streak, longest, skipped = counters.tolist()
         self._skipped.zero_()
@@ -160,9 +161,9 @@ class DivergenceGuard:
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
     """Every element of every tensor finite, on every rank (collective; saves only)."""
-    bad = torch.zeros((), dtype=torch.int32, device=dist.device())
+    bad = torch.zeros((), dtype=torch.int32, device=placement.device())
     for tensor in tensors:
         bad |= (~torch.isfinite(tensor)).any().to(bad.device, torch.int32)
-    if dist.world_size() > 1:
+    if env.world_size() > 1:
         torch_dist.all_reduce(bad, op=torch_dist.ReduceOp.MAX)
     return not bool(bad)

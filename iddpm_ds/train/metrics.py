@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from .. import dist
+from .. import placement
+from ..dist import env, output
 
 
 class LossAccumulator:
@@ -57,7 +58,7 @@ class LossAccumulator:
         """Global means over all ranks since the last call (collective), then reset."""
         keys = sorted(self.keys)
         packed = torch.stack([self.counts] + [self.sums[k] for k in keys])  # [1 + K, 5]
-        if dist.world_size() > 1:
+        if env.world_size() > 1:
             torch_dist.all_reduce(packed)
         packed = packed.cpu()
         counts, out = packed[0], {}
@@ -81,10 +82,10 @@ def memory_mb(device: torch.device) -> float:
 
 def gather_floats(value: float) -> list[float]:
     """One float from every rank (collective); small, only at log intervals."""
-    tensor = torch.tensor([value], dtype=torch.float64, device=dist.device())
-    if dist.world_size() == 1:
+    tensor = torch.tensor([value], dtype=torch.float64, device=placement.device())
+    if env.world_size() == 1:
         return [value]
-    out = [torch.zeros_like(tensor) for _ in range(dist.world_size())]
+    out = [torch.zeros_like(tensor) for _ in range(env.world_size())]
     torch_dist.all_gather(out, tensor)
     return [float(t) for t in out]
 
@@ -111,7 +112,7 @@ class MetricsWriter:
         self.jsonl = None
         self.tb = None
         self.started = time.time()
-        if dist.is_main():
+        if env.is_main():
             self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
@@ -121,7 +122,7 @@ class MetricsWriter:
     def write(self, step: int, record: dict[str, Any]) -> None:
         """One JSON line (strict JSON: non-finite numbers become null, counted in
         "nonfinite_values"), TensorBoard scalars and the console line."""
-        if not dist.is_main():
+        if not env.is_main():
             return
         record, bad = finite_or_null({"step": step, "time": round(time.time(), 3), **record})
         if bad:
@@ -132,7 +133,7 @@ class MetricsWriter:
                 if isinstance(value, (int, float)) and key not in ("step", "time"):
                     self.tb.add_scalar(key, value, step)
             self.tb.flush()
-        dist.print0(self._console(step, record))
+        output.print0(self._console(step, record))
 
     def _console(self, step: int, r: dict[str, Any]) -> str:
         total = f"/{self.total_steps}" if self.total_steps else ""

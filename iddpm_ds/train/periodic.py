@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import dist
+from ..dist import env, group, output
 from ..data import build_eval_stream
 from ..diffusion import build_diffusion
 from ..bpd import evaluate_bpd, preserved_rng
@@ -29,7 +29,7 @@ def write_sample_grid(job: JobSpec, ema: EMA, rate: float, step: int, run_dir: P
                       writer: MetricsWriter, device: torch.device) -> None:
     """Assemble the EMA weights (collective), sample on rank 0, write PNG + TensorBoard."""
     state = ema.full_state_dict(rate)
-    if dist.is_main():
+    if env.is_main():
         # preserved_rng: drawing the grid (and the SR inputs' loader) must not shift rank
         # 0's training noise stream
         with preserved_rng(device):
@@ -37,8 +37,8 @@ def write_sample_grid(job: JobSpec, ema: EMA, rate: float, step: int, run_dir: P
         path = run_dir / "samples" / f"ema_{rate}_{step:06d}.png"
         save_png(grid, path, scale=2)
         writer.image(f"samples/ema_{rate}", grid, step)
-        dist.log0("sample_grid", step=step, path=str(path))
-    dist.wait_for_main("drawing the sample grid")
+        output.log0("sample_grid", step=step, path=str(path))
+    group.wait_for_main("drawing the sample grid")
 
 
 def _grid(job: JobSpec, state: dict[str, torch.Tensor], device: torch.device) -> Any:
@@ -75,7 +75,7 @@ def evaluate_during_training(job: JobSpec, ema: EMA, master: MasterWeights, step
     with preserved_rng(device):  # model init and loader start-up draw from the RNGs
         stream = build_eval_stream(
             job.data, image_size=job.model.image_size, class_cond=job.model.class_cond,
-            batch_size=micro, rank=dist.rank(), world_size=dist.world_size(),
+            batch_size=micro, rank=env.rank(), world_size=env.world_size(),
             num_samples=job.train.eval_samples, num_classes=job.model.num_classes)
         batches = list(stream.padded())  # a small subset: read once, used for both weight sets
         model = build_model(job.model).to(device).eval()
@@ -89,8 +89,8 @@ def evaluate_during_training(job: JobSpec, ema: EMA, master: MasterWeights, step
     del model
     ema_res, raw = results["ema"], results["model"]
     seconds = round(time.perf_counter() - start, 3)
-    dist.log0("eval", step=step, bpd=round(ema_res["bpd"], 4), bpd_model=round(raw["bpd"], 4),
-              samples=ema_res["num_samples"], respacing=job.train.eval_respacing, seconds=seconds)
+    output.log0("eval", step=step, bpd=round(ema_res["bpd"], 4), bpd_model=round(raw["bpd"], 4),
+                samples=ema_res["num_samples"], respacing=job.train.eval_respacing, seconds=seconds)
     writer.write(step, {
         "eval_bpd": ema_res["bpd"], "eval_prior_bpd": ema_res["prior_bpd"],
         "eval_vb_bpd": ema_res["vb_bpd"], "eval_mse": ema_res["mse"],

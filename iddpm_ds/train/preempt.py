@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from .. import dist
+from ..dist import env, group, output
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later", i.e. requeue and resume
 
@@ -26,23 +26,23 @@ class PreemptionWatch:
         self.check_interval = check_interval
         self.received: int | None = None
         self.group = None
-        if dist.world_size() > 1 and torch_dist.get_backend() != "gloo":
+        if env.world_size() > 1 and torch_dist.get_backend() != "gloo":
             self.group = torch_dist.new_group(  # collective: all ranks build it
-                backend="gloo", timeout=dist.collective_timeout())
+                backend="gloo", timeout=group.collective_timeout())
         self._previous: dict[int, Any] = {}
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.received is None:
-            dist.log("signal_received", signal=signal.Signals(signum).name)
+            output.log("signal_received", signal=signal.Signals(signum).name)
         self.received = signum
 
     def should_stop(self, step: int) -> bool:
         if step % self.check_interval:
             return False
         flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)  # CPU
-        if dist.world_size() > 1:
+        if env.world_size() > 1:
             torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
 

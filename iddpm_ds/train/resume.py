@@ -7,7 +7,7 @@ from typing import Any
 
 import torch.distributed as torch_dist
 
-from .. import dist
+from ..dist import env, output
 from ..spec.job import JobSpec
 from . import checkpoint as ckpt
 from .ds_config import BatchSizes
@@ -29,7 +29,7 @@ def resume(registry: StateRegistry, ckpt_dir: Path, job: JobSpec, sizes: BatchSi
     (collective); returns its tag."""
     start = time.perf_counter()
     tag, why = _choose_tag(ckpt_dir)
-    dist.log0("resume_check", decision=why)
+    output.log0("resume_check", decision=why)
     if tag is None:
         return None
     tag_dir = ckpt_dir / tag
@@ -47,24 +47,24 @@ def resume(registry: StateRegistry, ckpt_dir: Path, job: JobSpec, sizes: BatchSi
             ranks = ranks or [ckpt.load_plain(tag_dir / rank_file(r)) for r in range(old_world)]
             states = [r.get(entry.name) for r in ranks]
             _load(entry, None if any(s is None for s in states) else states, tag)
-    if old_world != dist.world_size():
+    if old_world != env.world_size():
         _log_batch_change(meta, job, sizes)
-    dist.log0("resumed", tag=tag, step=step, saved_world_size=old_world,
-              world_size=dist.world_size(), seconds=round(time.perf_counter() - start, 2))
+    output.log0("resumed", tag=tag, step=step, saved_world_size=old_world,
+                world_size=env.world_size(), seconds=round(time.perf_counter() - start, 2))
     return tag
 
 
 def _load(entry: Entry, state: Any, tag: str) -> None:
     if state is None:  # registered after this checkpoint was written: keeps its fresh state
-        dist.log0("state_not_in_checkpoint", name=entry.name, tag=tag)
+        output.log0("state_not_in_checkpoint", name=entry.name, tag=tag)
         return
     entry.obj.load_state_dict(state)
 
 
 def _choose_tag(ckpt_dir: Path) -> tuple[str | None, str]:
     # rank 0 decides so that all ranks load the same tag even on a flaky shared FS
-    choice = [ckpt.find_resume_tag(ckpt_dir) if dist.is_main() else None]
-    if dist.world_size() > 1:
+    choice = [ckpt.find_resume_tag(ckpt_dir) if env.is_main() else None]
+    if env.world_size() > 1:
         torch_dist.broadcast_object_list(choice, src=0)
     return choice[0]
 
@@ -94,12 +94,12 @@ def check_compatible(job: JobSpec, saved: dict[str, Any]) -> None:
         for key, (old, new) in spec_diff(saved.get(section), now[section], section).items():
             changed[key] = {"old": old, "new": new}
     if changed:
-        dist.log0("resume_spec_changed", fields=changed)
+        output.log0("resume_spec_changed", fields=changed)
 
 
 def _log_batch_change(meta: dict[str, Any], job: JobSpec, sizes: BatchSizes) -> None:
     policy = "global_batch_size fixed" if job.train.global_batch_size else "per-rank batch_size fixed"
-    dist.log0("resume_world_size_changed", saved_world_size=int(meta["world_size"]),
-              world_size=sizes.world_size, policy=policy,
-              global_batch=f"{meta['global_batch']} -> {sizes.global_batch}",
-              per_rank_batch=f"{meta['per_rank_batch']} -> {sizes.per_rank}")
+    output.log0("resume_world_size_changed", saved_world_size=int(meta["world_size"]),
+                world_size=sizes.world_size, policy=policy,
+                global_batch=f"{meta['global_batch']} -> {sizes.global_batch}",
+                per_rank_batch=f"{meta['per_rank_batch']} -> {sizes.per_rank}")

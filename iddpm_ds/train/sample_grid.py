@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import dist
+from ..dist import output
 from ..data import build_eval_stream
 from ..diffusion import build_diffusion
 from ..models import build_model
@@ -55,5 +55,5 @@ def super_res_inputs(job, count: int, device: torch.device
     model_kwargs = {"low_res": downsample(x, job.model.small_size)}        # [n, 3, s, s]
     if ys:
         model_kwargs["y"] = torch.cat(ys)[:count].to(device)
-    dist.log0("sample_grid_inputs", images=len(x), held_out=job.data.eval_shards is not None)
+    output.log0("sample_grid_inputs", images=len(x), held_out=job.data.eval_shards is not None)
     return x, model_kwargs

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import dist
+from ..dist import env, group, output
 from . import checkpoint as ckpt
 from .registry import Policy, StateRegistry
 
@@ -40,26 +40,26 @@ def save_checkpoint(registry: StateRegistry, ckpt_dir: Path, step: int, meta: di
     start = time.perf_counter()
     tag = ckpt.tag_for(step)
     tag_dir = ckpt_dir / tag
-    if dist.is_main() and tag_dir.is_dir() and not ckpt.is_complete(tag_dir):
+    if env.is_main() and tag_dir.is_dir() and not ckpt.is_complete(tag_dir):
         # a killed save of this step, maybe at another world size: its stray shards
         # (zero_pp_rank_N of a rank that no longer exists) would poison conversion
         shutil.rmtree(tag_dir)
-    dist.wait_for_main("clearing a partial checkpoint")
+    group.wait_for_main("clearing a partial checkpoint")
     mine = _write_pieces(registry, tag_dir, step, meta)
     # the agreement: every rank's files are on disk (or one failed) before it counts
-    failures = dist.gather_after_long_work(_describe(mine), "writing the checkpoint")
+    failures = group.gather_after_long_work(_describe(mine), "writing the checkpoint")
     if not any(failures):
         marked = None
-        if dist.is_main():
-            mark = {"step": step, "world_size": dist.world_size(), "time": time.time()}
+        if env.is_main():
+            mark = {"step": step, "world_size": env.world_size(), "time": time.time()}
             marked = _describe(_attempt(lambda: ckpt.mark_complete(ckpt_dir, tag, mark, keep)))
-        failures = dist.gather_after_long_work(marked, "marking the checkpoint complete")
+        failures = group.gather_after_long_work(marked, "marking the checkpoint complete")
     if any(failures):
-        if dist.is_main():
+        if env.is_main():
             shutil.rmtree(tag_dir, ignore_errors=True)  # no partial directory is left
-        dist.wait_for_main("removing the failed checkpoint")
+        group.wait_for_main("removing the failed checkpoint")
         raise CheckpointWriteError(_message(tag, ckpt_dir, failures))
-    dist.log0("checkpoint_saved", step=step, tag=tag, seconds=round(time.perf_counter() - start, 2))
+    output.log0("checkpoint_saved", step=step, tag=tag, seconds=round(time.perf_counter() - start, 2))
 
 
 def _write_pieces(registry: StateRegistry, tag_dir: Path, step: int,
@@ -74,13 +74,13 @@ def _write_pieces(registry: StateRegistry, tag_dir: Path, step: int,
             shards = _attempt(lambda: entry.obj.save_shards(tag_dir, step))  # collective: always
             failed = failed or shards
         elif entry.policy is Policy.REPLICATED:
-            if dist.is_main():
+            if env.is_main():
                 replicated[entry.name] = entry.obj.state_dict()
         else:
             mine[entry.name] = entry.obj.state_dict()
-    if dist.is_main():
+    if env.is_main():
         failed = failed or _attempt(lambda: ckpt.atomic_torch_save(replicated, tag_dir / TRAINER_STATE))
-    return failed or _attempt(lambda: ckpt.atomic_torch_save(mine, tag_dir / rank_file(dist.rank())))
+    return failed or _attempt(lambda: ckpt.atomic_torch_save(mine, tag_dir / rank_file(env.rank())))
 
 
 def _attempt(write: Callable[[], Any]) -> OSError | None:
@@ -97,7 +97,7 @@ def _describe(err: OSError | None) -> str | None:
     if err is None:
         return None
     code = f"errno {err.errno} {errno.errorcode.get(err.errno, '')}".rstrip() if err.errno else "no errno"
-    return f"rank {dist.rank()}: {err.filename or '?'}: {code} ({err.strerror or err})"
+    return f"rank {env.rank()}: {err.filename or '?'}: {code} ({err.strerror or err})"
 
 
 def _message(tag: str, ckpt_dir: Path, failures: list[str | None]) -> str:

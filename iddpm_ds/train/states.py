@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .. import dist
+from ..dist import env, output
 from ..diffusion.timestep_sampler import ScheduleSampler, stream_seed
 from . import checkpoint as ckpt
 from .ema import EMA
@@ -46,7 +46,7 @@ class EngineState:
         weights = self.master.full_state_dict()  # collective under ZeRO
         if failed:
             raise failed[0]
-        if dist.is_main():
+        if env.is_main():
             ckpt.atomic_torch_save(weights, tag_dir / ckpt.export_name_model(step))
 
     def load_shards(self, tag_dir: Path, step: int, saved_world_size: int) -> None:
@@ -54,7 +54,7 @@ class EngineState:
         # full weights and the (replicated) optimizer state, which any world size loads as
         # is; ds_to_universal has nothing to convert there.
         sharded = any(tag_dir.glob("*optim_states.pt"))
-        if saved_world_size != dist.world_size() and sharded:
+        if saved_world_size != env.world_size() and sharded:
             load_at_new_world_size(self.engine, tag_dir)
             return
         path, _ = self.engine.load_checkpoint(
@@ -126,7 +126,7 @@ class EMAState:
 
     def save_shards(self, tag_dir: Path, step: int) -> None:
         states = self.ema.full_state_dicts()  # collective under ZeRO
-        if dist.is_main():
+        if env.is_main():
             for rate, state in states.items():
                 ckpt.atomic_torch_save(state, tag_dir / ckpt.export_name_ema(rate, step))
 
@@ -135,8 +135,8 @@ class EMAState:
         states = {rate: ckpt.load_plain(path) for rate, path in files.items() if path.is_file()}
         started = self.ema.load_full_state_dicts(states)
         if started:
-            dist.log0("ema_rate_started", rates=started, saved_rates=sorted(states),
-                      note="not in the checkpoint: starts from the resumed weights")
+            output.log0("ema_rate_started", rates=started, saved_rates=sorted(states),
+                        note="not in the checkpoint: starts from the resumed weights")
 
 
 @dataclass
@@ -155,7 +155,7 @@ class TrainCounters:
 def fresh_stream_seed(seed: int, step: int) -> int:
     """This rank's seed for new random streams after a resume at another world size: mixed
     with the step, so the streams do not replay step 0's."""
-    return stream_seed(seed * 1_000_003 + step, dist.rank())
+    return stream_seed(seed * 1_000_003 + step, env.rank())
 
 
 class ProcessRNG:
@@ -170,8 +170,8 @@ class ProcessRNG:
         return ckpt.rng_state()
 
     def load_state_dict(self, states: list[dict[str, Any]]) -> None:
-        if len(states) == dist.world_size():
-            ckpt.set_rng_state(states[dist.rank()])
+        if len(states) == env.world_size():
+            ckpt.set_rng_state(states[env.rank()])
         else:  # Python's too: left alone, it would go on from this process's OS-entropy seed
             seed = fresh_stream_seed(self.seed, self.counters.step)
             torch.manual_seed(seed)
@@ -190,8 +190,8 @@ class SamplerRNG:
         return self.sampler.rng_state()
 
     def load_state_dict(self, states: list[torch.Tensor]) -> None:
-        if len(states) == dist.world_size():
-            self.sampler.set_rng_state(states[dist.rank()])
+        if len(states) == env.world_size():
+            self.sampler.set_rng_state(states[env.rank()])
             return
         seed = fresh_stream_seed(self.seed, self.counters.step) + 1
         self.sampler.set_rng_state(torch.Generator(self.sampler.device).manual_seed(seed).get_state())

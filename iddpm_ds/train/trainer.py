@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from .. import dist
+from .. import placement
+from ..dist import env, group, output
 from ..data import build_eval_stream, build_train_stream
 from ..diffusion import build_diffusion
 from ..diffusion.timestep_sampler import build_schedule_sampler
@@ -41,16 +42,16 @@ class Trainer:
         self.preempt = PreemptionWatch(job.train.preempt_check_interval)
         self.run_dir = Path(job.output.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        sizes = resolve_batch(job.train, dist.world_size())
+        sizes = resolve_batch(job.train, env.world_size())
         # config errors before any work
-        render_ds_config(job, dist.world_size(), dist.has_gpu(), dist.fp16_capable())
+        render_ds_config(job, env.world_size(), placement.has_gpu(), placement.fp16_capable())
         self.data = build_train_stream(  # missing/corrupt data fails here, before any write
             job.data, image_size=job.model.image_size, class_cond=job.model.class_cond,
-            batch_size=sizes.micro, rank=dist.rank(), world_size=dist.world_size(), seed=job.train.seed,
+            batch_size=sizes.micro, rank=env.rank(), world_size=env.world_size(), seed=job.train.seed,
             num_classes=job.model.num_classes)
         if job.train.eval_interval:  # a bad held-out source fails now, not hours in
             build_eval_stream(job.data, image_size=job.model.image_size, class_cond=job.model.class_cond,
-                              batch_size=sizes.micro, rank=dist.rank(), world_size=dist.world_size(),
+                              batch_size=sizes.micro, rank=env.rank(), world_size=env.world_size(),
                               num_samples=job.train.eval_samples, num_classes=job.model.num_classes)
         bundle = build_engine(job)
         self.engine, self.sizes, self.dtype = bundle.engine, bundle.sizes, bundle.dtype
@@ -58,11 +59,11 @@ class Trainer:
         self.diffusion = build_diffusion(job.diffusion)
         self.master = MasterWeights(self.engine)
         self.ema = EMA(self.master, job.train.ema_rate)
-        self.device = dist.device()
-        torch.manual_seed(job.train.seed * 100_003 + dist.rank())  # per-rank noise and dropout
+        self.device = placement.device()
+        torch.manual_seed(job.train.seed * 100_003 + env.rank())  # per-rank noise and dropout
         self.timestep_sampler = build_schedule_sampler(
             job.train.schedule_sampler, self.diffusion.num_timesteps, device=self.device,
-            seed=job.train.seed, rank=dist.rank(), max_local_batch=self.sizes.micro)
+            seed=job.train.seed, rank=env.rank(), max_local_batch=self.sizes.micro)
         self.losses = LossAccumulator(self.diffusion.num_timesteps, self.device)
         self.guard = DivergenceGuard(self.engine, job.train.max_nonfinite_steps, self.device)
         self.loss_scale = LossScale(self.engine)
@@ -99,37 +100,37 @@ class Trainer:
         self.counters.step = value
 
     def _prepare_run_dir(self) -> None:
-        if dist.is_main():
+        if env.is_main():
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "job.yaml").write_text(dump_job(self.job))
-        dist.barrier()
+        group.barrier()
 
     # ----------------------------------------------------------------------- the loop
     def run(self) -> int:
         """Train until train.total_steps (or forever); returns the process exit status."""
         total = self.job.train.total_steps
-        dist.log0("train_start", step=self.step, total_steps=total, world_size=dist.world_size(),
-                  per_rank_batch=self.sizes.per_rank, micro=self.sizes.micro,
-                  accumulation=self.sizes.accumulation, global_batch=self.sizes.global_batch,
-                  zero_stage=self.job.deepspeed.zero_stage, precision=self.job.precision,
-                  **dist.slurm_facts())
+        output.log0("train_start", step=self.step, total_steps=total, world_size=env.world_size(),
+                    per_rank_batch=self.sizes.per_rank, micro=self.sizes.micro,
+                    accumulation=self.sizes.accumulation, global_batch=self.sizes.global_batch,
+                    zero_stage=self.job.deepspeed.zero_stage, precision=self.job.precision,
+                    **env.slurm_facts())
         self._batches = iter(self.data)
         try:
             while total is None or self.step < total:
                 self.train_step()
                 self._after_step()
                 if self.preempt.should_stop(self.step):
-                    dist.log0("preempted", step=self.step)
+                    output.log0("preempted", step=self.step)
                     self.save()
                     return PREEMPTED_EXIT
             if self.last_saved != self.step:
                 self.save()
-            dist.log0("train_done", step=self.step)
+            output.log0("train_done", step=self.step)
             return 0
         except Diverged as err:  # every rank gets here at the same step: the verdicts are global
             latest = self.ckpt_dir / "latest"
             where = f"latest checkpoint: {latest.read_text()}" if latest.is_file() else "no checkpoint"
-            dist.error0(f"{err}; stopped at step {self.step}, nothing saved ({where})")
+            output.error0(f"{err}; stopped at step {self.step}, nothing saved ({where})")
             return DIVERGED_EXIT
         finally:
             self.preempt.restore()
@@ -207,8 +208,8 @@ class Trainer:
                        if isinstance(v, (int, float))})
         record.update(self.guard.metrics())
         if record["nonfinite_steps"]:
-            dist.log0("nonfinite_steps_skipped", step=self.step, count=record["nonfinite_steps"],
-                      streak=record["nonfinite_streak"], total=record["nonfinite_steps_total"])
+            output.log0("nonfinite_steps_skipped", step=self.step, count=record["nonfinite_steps"],
+                        streak=record["nonfinite_streak"], total=record["nonfinite_steps_total"])
         self.writer.write(self.step, record)
         self._reset_timers()
         self.guard.check()
@@ -234,7 +235,7 @@ class Trainer:
         self.guard.check()
         if not all_finite(self.master.local() + [t for ema in self.ema.params for t in ema]):
             raise Diverged("training diverged: non-finite fp32 master or EMA weights")
-        meta = {"world_size": dist.world_size(), "global_batch": self.sizes.global_batch,
+        meta = {"world_size": env.world_size(), "global_batch": self.sizes.global_batch,
                 "per_rank_batch": self.sizes.per_rank, "spec": self.job.model_dump(mode="json")}
         save_checkpoint(self.registry, self.ckpt_dir, self.step, meta,
                         self.job.output.keep_checkpoints)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import dist
+from ..dist import env, group, output
 from .checkpoint import COMPLETE, atomic_write_bytes
 
 UNIVERSAL = "universal"
@@ -52,9 +52,9 @@ def load_at_new_world_size(engine: Any, tag_dir: Path) -> None:
     """Load the checkpoint in `tag_dir`, written at another world size, into `engine`
     (collective: every rank calls it)."""
     seconds = 0.0
-    if dist.is_main():
+    if env.is_main():
         seconds = convert_to_universal(tag_dir)
-    dist.wait_for_main(f"converting {tag_dir} to a universal checkpoint")
+    group.wait_for_main(f"converting {tag_dir} to a universal checkpoint")
     engine._config.load_universal_checkpoint = True  # for this one load only
     try:
         path, _ = engine.load_checkpoint(str(tag_dir), tag=UNIVERSAL, load_optimizer_states=True,
@@ -63,4 +63,5 @@ def load_at_new_world_size(engine: Any, tag_dir: Path) -> None:
         engine._config.load_universal_checkpoint = False
     if path is None:
         raise ConversionError(f"DeepSpeed could not load the universal checkpoint in {tag_dir}")
-    dist.log0("universal_checkpoint_loaded", tag_dir=str(tag_dir), conversion_seconds=round(seconds, 2))
+    output.log0("universal_checkpoint_loaded", tag_dir=str(tag_dir),
+                conversion_seconds=round(seconds, 2))

@@ -60,14 +60,14 @@ def _save_resumed(trainer) -> None:
     import torch
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    from iddpm_ds import dist
+    from iddpm_ds.dist import env
 
     master = trainer.master
     # the timestep sampler's attribute, before and after the train/ registry refactor
     sampler = trainer.timestep_sampler if hasattr(trainer, "timestep_sampler") else trainer.sampler
     state = {  # every call below is a collective under ZeRO-3: all ranks run them
         "step": trainer.step,
-        "world_size": dist.world_size(),
+        "world_size": env.world_size(),
         "model": master.full_state_dict(),
         "ema": trainer.ema.full_state_dicts(),
         "sampler": sampler.state_dict(),
@@ -76,7 +76,7 @@ def _save_resumed(trainer) -> None:
         "exp_avg_sq": {n: safe_get_full_optimizer_state(p, "exp_avg_sq").cpu()
                        for n, p in zip(master.names, master.params)},
     }
-    if dist.is_main():
+    if env.is_main():
         torch.save(state, os.path.join(PROBE_DIR, f"resumed-{trainer.resumed_from}.pt"))
 
 
