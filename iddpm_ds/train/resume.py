@@ -1,7 +1,9 @@
-"""Resuming a run from its newest complete checkpoint (automatic on restart)."""
+"""Resuming a run from its newest complete checkpoint (automatic on restart): the loading
+half of the CheckpointManager (checkpointer.py), which is its only caller."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,18 @@ class ResumeError(RuntimeError):
     """The run dir's checkpoint cannot continue this job (e.g. a different model)."""
 
 
-def resume(registry: StateRegistry, ckpt_dir: Path, job: JobSpec, sizes: BatchSizes) -> str | None:
+@dataclass(frozen=True)
+class Restored:
+    """What a resume restored: the checkpoint's tag, its step and the world size that saved it."""
+    tag: str
+    step: int
+    saved_world_size: int
+
+
+def load_newest(registry: StateRegistry, ckpt_dir: Path, job: JobSpec,
+                sizes: BatchSizes) -> Restored | None:
     """Load the newest complete checkpoint into every registered piece, if there is one
-    (collective); returns its tag."""
+    (collective)."""
     start = time.perf_counter()
     tag, why = _choose_tag(ckpt_dir)
     dist.log0("resume_check", decision=why)
@@ -51,7 +62,7 @@ def resume(registry: StateRegistry, ckpt_dir: Path, job: JobSpec, sizes: BatchSi
         _log_batch_change(meta, job, sizes)
     dist.log0("resumed", tag=tag, step=step, saved_world_size=old_world,
               world_size=dist.world_size(), seconds=round(time.perf_counter() - start, 2))
-    return tag
+    return Restored(tag, step, old_world)
 
 
 def _load(entry: Entry, state: Any, tag: str) -> None:
