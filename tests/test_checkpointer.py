@@ -76,7 +76,10 @@ def _time_saves(rank: int, world: int, job_path: str) -> list[tuple[int, bool]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)  # a disagreement would leave the ranks in mismatched collectives
-def test_time_interval_saves_the_same_steps_on_both_ranks(tmp_path, digits_shards):
+def test_time_interval_saves_the_same_steps_on_both_ranks(tmp_path, digits_shards, monkeypatch):
+    # torch checks that every rank enters the same collective: ranks that disagreed on a
+    # save would fail at once instead of waiting in mismatched collectives
+    monkeypatch.setenv("TORCH_DISTRIBUTED_DEBUG", "DETAIL")
     job = tiny_job(tmp_path, digits_shards, **{
         "train.max_steps": STEPS, "train.log_interval": LOG_EVERY, "train.save_interval": 1000,
         "train.save_interval_minutes": 0.001, "output.keep_checkpoints": 100,
