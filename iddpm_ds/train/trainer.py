@@ -17,6 +17,7 @@ from ..diffusion import build_diffusion
 from ..diffusion.timestep_sampler import build_schedule_sampler
 from ..spec.job import JobSpec, dump_job
 from ..superres import with_low_res
+from .checkpointer import CheckpointManager
 from .ds_config import render_ds_config, resolve_batch
 from .ema import EMA
 from .engine import EngineModel, build_engine, grad_norm
@@ -26,7 +27,6 @@ from .master import MasterWeights
 from .metrics import LossAccumulator, MetricsWriter, gather_floats, memory_mb
 from .periodic import evaluate_during_training, write_sample_grid
 from .preempt import PREEMPTED_EXIT, PreemptionWatch
-from .checkpointer import CheckpointManager
 from .registry import Policy, StateRegistry
 from .states import EMAState, EngineState, ProcessRNG, SamplerRNG, TrainCounters
 
