@@ -139,9 +139,15 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_rows_fast.py::test_preemption_signal_saves_and_exits_75",)),
     Mutant("preemption-save", "preemption save",
            "iddpm_ds/train/trainer.py",
-           '                    output.log0("preempted", step=self.step)\n                    self.save()\n',
+           '                    output.log0("preempted", step=self.step)\n'
+           '                    self.checkpoints.save(self.step, last=True)\n',
            '                    output.log0("preempted", step=self.step)\n',
            ("tests/test_rows_fast.py::test_preemption_signal_saves_and_exits_75",)),
+    Mutant("save-time-interval", "time-based checkpoint interval",
+           "iddpm_ds/train/checkpointer.py",
+           "self.clock() - self.since >= self.minutes * 60.0",
+           "self.clock() - self.since >= self.minutes * 600.0",
+           ("tests/test_checkpointer.py::test_schedule_saves_on_steps_and_on_time_at_check_steps_only",)),
 )
 
 PYTEST = ("-q", "-x", "-rf", "-p", "no:cacheprovider", "-o", "addopts=", "--no-header")

@@ -159,6 +159,8 @@ CASES: dict[str, Case] = {
     "log_interval zero": Case("train.log_interval: Input should be greater than or equal to 1",
                               change={"train.log_interval": 0}),
     "save_interval negative": Case("train.save_interval:", change={"train.save_interval": -5}),
+    "save_interval_minutes zero": Case("train.save_interval_minutes: Input should be greater than 0",
+                                       change={"train.save_interval_minutes": 0}),
     "warmup past anneal": Case("train.warmup_steps: 50 reaches train.lr_anneal_steps=40",
                                change={"train.warmup_steps": 50, "train.lr_anneal_steps": 40,
                                        "train.max_steps": DROP}),

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS = ("importance weights", "lr anneal", "bf16-mixed", "EMA rate", "grad clip", "sampler warm-up",
         "the sampler's all-gather", "exactly-once data", "data-position resume",
         "divergence guard's save refusal", "universal conversion", "GPU placement",
-        "spec refusal (a validator)", "preemption save")
+        "spec refusal (a validator)", "preemption save", "time-based checkpoint interval")
 
 
 def test_every_edit_applies_exactly_once_and_names_a_test():

@@ -42,7 +42,7 @@ def _save_refusals(rank: int, world: int, job_path: str) -> dict:
 
     def save_at(step_label: str) -> None:
         try:
-            trainer.save()
+            trainer.checkpoints.save(trainer.step, last=True)  # forced, as at the end
             out["errors"].append((step_label, None))
         except Diverged as err:
             out["errors"].append((step_label, str(err)))

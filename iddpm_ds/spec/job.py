@@ -101,6 +101,12 @@ class TrainSpec(Spec):
     """Optimizer steps between metric logs (the only time metrics are read from the device)."""
     save_interval: int = Field(10000, ge=1)
     """Optimizer steps between checkpoints (one is also written at the end)."""
+    save_interval_minutes: Optional[float] = Field(None, gt=0)
+    """Also checkpoint once this many minutes of wall time have passed since the last save
+    (or the start), so that a failure loses a bounded amount of work whatever the step time
+    (null: the step interval only, as the reference). Rank 0's clock decides at log steps
+    and every rank follows, so a time save lands on a multiple of train.log_interval;
+    either interval's save restarts the clock."""
     sample_interval: int = Field(0, ge=0)
     """Optimizer steps between EMA sample grids (0: only at evaluations, see eval_interval)."""
     sample_count: int = Field(16, ge=1)

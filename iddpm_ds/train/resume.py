@@ -1,7 +1,9 @@
-"""Resuming a run from its newest complete checkpoint (automatic on restart)."""
+"""Resuming a run from its newest complete checkpoint (automatic on restart): the loading
+half of the CheckpointManager (checkpointer.py), which is its only caller."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,18 @@ class ResumeError(RuntimeError):
     """The run dir's checkpoint cannot continue this job (e.g. a different model)."""
 
 
-def resume(registry: StateRegistry, ckpt_dir: Path, job: JobSpec, sizes: BatchSizes) -> str | None:
+@dataclass(frozen=True)
+class Restored:
+    """What a resume restored: the checkpoint's tag, its step and the world size that saved it."""
+    tag: str
+    step: int
+    saved_world_size: int
+
+
+def load_newest(registry: StateRegistry, ckpt_dir: Path, job: JobSpec,
+                sizes: BatchSizes) -> Restored | None:
     """Load the newest complete checkpoint into every registered piece, if there is one
-    (collective); returns its tag."""
+    (collective)."""
     start = time.perf_counter()
     tag, why = _choose_tag(ckpt_dir)
     output.log0("resume_check", decision=why)
@@ -50,8 +61,8 @@ def resume(registry: StateRegistry, ckpt_dir: Path, job: JobSpec, sizes: BatchSi
     if old_world != env.world_size():
         _log_batch_change(meta, job, sizes)
     output.log0("resumed", tag=tag, step=step, saved_world_size=old_world,
-                world_size=env.world_size(), seconds=round(time.perf_counter() - start, 2))
-    return tag
+              world_size=env.world_size(), seconds=round(time.perf_counter() - start, 2))
+    return Restored(tag, step, old_world)
 
 
 def _load(entry: Entry, state: Any, tag: str) -> None:
@@ -100,6 +111,6 @@ def check_compatible(job: JobSpec, saved: dict[str, Any]) -> None:
 def _log_batch_change(meta: dict[str, Any], job: JobSpec, sizes: BatchSizes) -> None:
     policy = "global_batch_size fixed" if job.train.global_batch_size else "per-rank batch_size fixed"
     output.log0("resume_world_size_changed", saved_world_size=int(meta["world_size"]),
-                world_size=sizes.world_size, policy=policy,
-                global_batch=f"{meta['global_batch']} -> {sizes.global_batch}",
-                per_rank_batch=f"{meta['per_rank_batch']} -> {sizes.per_rank}")
+              world_size=sizes.world_size, policy=policy,
+              global_batch=f"{meta['global_batch']} -> {sizes.global_batch}",
+              per_rank_batch=f"{meta['per_rank_batch']} -> {sizes.per_rank}")

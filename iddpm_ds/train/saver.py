@@ -1,4 +1,5 @@
-"""Writing one complete checkpoint of every registered piece (all ranks take part).
+"""Writing one complete checkpoint of every registered piece (all ranks take part): the
+writing half of the CheckpointManager (checkpointer.py), which is its only caller.
 
 A write that fails on any rank (disk full, quota, I/O error) is agreed by all ranks in
 one collective after every piece's writes: each rank keeps its first OSError instead of

@@ -18,6 +18,7 @@ from ..diffusion import build_diffusion
 from ..diffusion.timestep_sampler import build_schedule_sampler
 from ..spec.job import JobSpec, dump_job
 from ..superres import with_low_res
+from .checkpointer import CheckpointManager
 from .ds_config import render_ds_config, resolve_batch
 from .ema import EMA
 from .engine import EngineModel, build_engine, grad_norm
@@ -28,8 +29,6 @@ from .metrics import LossAccumulator, MetricsWriter, gather_floats, memory_mb
 from .periodic import evaluate_during_training, write_sample_grid
 from .preempt import PREEMPTED_EXIT, PreemptionWatch
 from .registry import Policy, StateRegistry
-from .resume import resume
-from .saver import save_checkpoint
 from .states import EMAState, EngineState, ProcessRNG, SamplerRNG, TrainCounters
 
 class Trainer:
@@ -41,7 +40,6 @@ class Trainer:
         # instead of the default action (death without a save)
         self.preempt = PreemptionWatch(job.train.preempt_check_interval)
         self.run_dir = Path(job.output.run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
         sizes = resolve_batch(job.train, env.world_size())
         # config errors before any work
         render_ds_config(job, env.world_size(), placement.has_gpu(), placement.fp16_capable())
@@ -68,10 +66,11 @@ class Trainer:
         self.guard = DivergenceGuard(self.engine, job.train.max_nonfinite_steps, self.device)
         self.loss_scale = LossScale(self.engine)
         self.counters = TrainCounters()
-        self.registry = self._register_state()
-        self.resumed_from = resume(self.registry, self.ckpt_dir, job, self.sizes)
-        self._prepare_run_dir()  # after resume: a refused restart must not touch the run's job.yaml
-        self.last_saved = self.step if self.resumed_from else -1
+        self.checkpoints = CheckpointManager(self._register_state(), job, self.sizes,
+                                             before_save=self._refuse_unsafe_save)
+        restored = self.checkpoints.load()
+        self.resumed_from = restored.tag if restored else None
+        self._write_job_file()  # after load: a refused restart must not touch the run's job.yaml
         self.writer = MetricsWriter(self.run_dir, job.output.tensorboard, job.train.total_steps)
         self._reset_timers()
 
@@ -99,9 +98,8 @@ class Trainer:
     def step(self, value: int) -> None:
         self.counters.step = value
 
-    def _prepare_run_dir(self) -> None:
+    def _write_job_file(self) -> None:
         if env.is_main():
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "job.yaml").write_text(dump_job(self.job))
         group.barrier()
 
@@ -110,10 +108,10 @@ class Trainer:
         """Train until train.total_steps (or forever); returns the process exit status."""
         total = self.job.train.total_steps
         output.log0("train_start", step=self.step, total_steps=total, world_size=env.world_size(),
-                    per_rank_batch=self.sizes.per_rank, micro=self.sizes.micro,
-                    accumulation=self.sizes.accumulation, global_batch=self.sizes.global_batch,
-                    zero_stage=self.job.deepspeed.zero_stage, precision=self.job.precision,
-                    **env.slurm_facts())
+                  per_rank_batch=self.sizes.per_rank, micro=self.sizes.micro,
+                  accumulation=self.sizes.accumulation, global_batch=self.sizes.global_batch,
+                  zero_stage=self.job.deepspeed.zero_stage, precision=self.job.precision,
+                  **env.slurm_facts())
         self._batches = iter(self.data)
         try:
             while total is None or self.step < total:
@@ -121,15 +119,14 @@ class Trainer:
                 self._after_step()
                 if self.preempt.should_stop(self.step):
                     output.log0("preempted", step=self.step)
-                    self.save()
+                    self.checkpoints.save(self.step, last=True)
                     return PREEMPTED_EXIT
-            if self.last_saved != self.step:
-                self.save()
+            self.checkpoints.save(self.step, last=True)
             output.log0("train_done", step=self.step)
             return 0
         except Diverged as err:  # every rank gets here at the same step: the verdicts are global
-            latest = self.ckpt_dir / "latest"
-            where = f"latest checkpoint: {latest.read_text()}" if latest.is_file() else "no checkpoint"
+            latest = self.checkpoints.latest
+            where = f"latest checkpoint: {latest}" if latest else "no checkpoint"
             output.error0(f"{err}; stopped at step {self.step}, nothing saved ({where})")
             return DIVERGED_EXIT
         finally:
@@ -179,8 +176,7 @@ class Trainer:
             self.sample_grid()
         if train.eval_interval and step % train.eval_interval == 0:
             self.evaluate()
-        if step % train.save_interval == 0:
-            self.save()
+        self.checkpoints.save(step)  # if its step or time interval is due
         self._paused += time.perf_counter() - start
 
     # ------------------------------------------------------------- at intervals only
@@ -209,7 +205,7 @@ class Trainer:
         record.update(self.guard.metrics())
         if record["nonfinite_steps"]:
             output.log0("nonfinite_steps_skipped", step=self.step, count=record["nonfinite_steps"],
-                        streak=record["nonfinite_streak"], total=record["nonfinite_steps_total"])
+                      streak=record["nonfinite_streak"], total=record["nonfinite_steps_total"])
         self.writer.write(self.step, record)
         self._reset_timers()
         self.guard.check()
@@ -228,18 +224,13 @@ class Trainer:
         evaluate_during_training(self.job, self.ema, self.master, self.step, self.writer,
                                  self.device, self.sizes.micro)
 
-    def save(self) -> None:
-        """Checkpoint (all ranks). Refused, ending the run, once the guard has tripped or
-        if any weight is non-finite: `latest` only ever names finite checkpoints."""
+    def _refuse_unsafe_save(self) -> None:
+        """Before every checkpoint (all ranks): refused, ending the run, once the guard has
+        tripped or if any weight is non-finite: `latest` only ever names finite checkpoints."""
         self.guard.poll()
         self.guard.check()
         if not all_finite(self.master.local() + [t for ema in self.ema.params for t in ema]):
             raise Diverged("training diverged: non-finite fp32 master or EMA weights")
-        meta = {"world_size": env.world_size(), "global_batch": self.sizes.global_batch,
-                "per_rank_batch": self.sizes.per_rank, "spec": self.job.model_dump(mode="json")}
-        save_checkpoint(self.registry, self.ckpt_dir, self.step, meta,
-                        self.job.output.keep_checkpoints)
-        self.last_saved = self.step
 
 
 def _norm_value(norm: Any) -> float | None:
