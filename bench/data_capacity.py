@@ -49,8 +49,10 @@ def flops_per_image(job) -> float:
         if job.model.class_cond:
             kwargs["y"] = torch.zeros(batch, dtype=torch.long)
     diffusion = build_diffusion(job.diffusion)
-    loss = lambda: diffusion.training_losses(model, x_start, t, kwargs)["loss"].mean().backward()  # noqa: E731
-    return step_flops(loss) / batch
+    def step() -> None:
+        diffusion.training_losses(model, x_start, t, kwargs)["loss"].mean().backward()
+
+    return step_flops(step) / batch
 
 
 def _images(size: int, count: int, fmt: str):
@@ -74,7 +76,8 @@ def decode_rate(folder: Path, size: int, fmt: str, count: int) -> tuple[float, f
     per_shard = 100
     items = list(_images(size, count, fmt))
     for s in range(0, count, per_shard):
-        with open(out / f"s-{s // per_shard:03d}.tar", "wb") as fh, TarWriter(fh, encoder=False, mtime=0) as tar:
+        path = out / f"s-{s // per_shard:03d}.tar"
+        with open(path, "wb") as fh, TarWriter(fh, encoder=False, mtime=0) as tar:
             for key, fields in items[s:s + per_shard]:
                 tar.write({"__key__": key, **fields})
     nbytes = sum(p.stat().st_size for p in out.glob("*.tar"))
@@ -119,7 +122,8 @@ def main() -> None:
             cores = GPUS_PER_NODE * gpu_rate / rate
             net = GPUS_PER_NODE * gpu_rate * per_sample
             print(f"| {name} | {size} | {flops / 1e9:.0f} | {gpu_rate:.0f} | {fmt} | {rate:.0f} | "
-                  f"{cores:.1f} | {per_sample / 1e3:.1f} | {net / 1e6:.1f} MB/s ({net * 8 / 1e9:.2f} Gbit/s) |")
+                  f"{cores:.1f} | {per_sample / 1e3:.1f} | {net / 1e6:.1f} MB/s "
+                  f"({net * 8 / 1e9:.2f} Gbit/s) |")
 
 
 if __name__ == "__main__":

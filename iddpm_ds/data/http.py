@@ -17,6 +17,7 @@ import io
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 from urllib.parse import urlsplit
 
 from .. import dist
@@ -26,6 +27,7 @@ MAX_BACKOFF_S = 30.0
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 """Answers that a restart or an overload gives: retried. Others (404, 403, ...) are not."""
 _CHUNK = 1 << 20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class HttpReader(io.RawIOBase):
         return True
 
     def read(self, n: int = -1) -> bytes:
+        """n bytes (all the rest for n < 0); fewer only at the end of the body."""
         parts, want = [], n
         while want != 0:
             data = self._retrying(lambda: self._read_some(want))
@@ -127,7 +130,7 @@ class HttpReader(io.RawIOBase):
                 raise HttpError("the server resent a shorter body than before")
             count -= len(data)
 
-    def _retrying(self, attempt):
+    def _retrying(self, attempt: Callable[[], T]) -> T:
         """attempt() until it works; after a failure wait and retry (attempt reconnects at
         `pos`: _drop() cleared the response)."""
         failures = 0
