@@ -20,13 +20,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .. import dist
 from ..spec.data import DataSpec
 from .errors import AllCorruptError, DataError
+from .http import HttpOptions
 from .position import (Layout, RankPlan, flat_to_positions, full_pool, make_state,
                        merge_states, pool_size, replay, same_plan, shard_order, shard_pieces,
                        to_ranges, worker_batches, _rng)
 from .preprocess import to_model_range
 from .samples import (BatchFiller, CorruptSample, CorruptWindow, RawSample, decode_sample,
                       read_pieces)
-from .http import HttpOptions
 from .sources import ShardList, resolve
 
 PROBE_SAMPLES_PER_SHARD = 16

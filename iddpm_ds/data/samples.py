@@ -21,8 +21,8 @@ import numpy as np
 
 from .. import dist
 from .errors import TooManyCorruptError
-from .preprocess import DECODABLE_EXTENSIONS, IMAGE_EXTENSIONS, preprocess_bytes
 from .http import HttpOptions
+from .preprocess import DECODABLE_EXTENSIONS, IMAGE_EXTENSIONS, preprocess_bytes
 from .sources import open_url
 from .tario import TarReader
 
