@@ -29,7 +29,7 @@ import torch
 from hosts_harness import (IFACE, PROBE, Hosts, assert_each_sample_once_per_epoch, hosts,  # noqa: F401
                            id_job, probe_batches)
 from test_data_helpers import id_shards
-from train_utils import TRAIN, metrics
+from train_utils import ROOT, TRAIN, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,8 @@ class Run:
         # the shell on the launch host: .deepspeed_env reaches the ranks of pdsh launches
         # only; a one-host launch is local and passes this environment on as it is
         env.update(PATH=f"{VENV / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}", VIRTUAL_ENV=str(VENV),
-                   PYTHONPATH=str(PROBE), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+                   PYTHONPATH=f"{PROBE}{os.pathsep}{ROOT}",  # this checkout, not what the venv installed
+                   PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                    IDDPM_PROBE_DIR=str(self.probe), IDDPM_PROBE_STATE="1" if probe_state else "0")
         log = open(self.work / f"launch{len(self.outputs)}.out", "w+")
         self.outputs.append(log.name)

@@ -21,6 +21,7 @@ from .. import placement
 from ..dist import output
 from ..spec.data import DataSpec
 from .errors import AllCorruptError, DataError
+from .http import HttpOptions
 from .position import (Layout, RankPlan, flat_to_positions, full_pool, make_state,
                        merge_states, pool_size, replay, same_plan, shard_order, shard_pieces,
                        to_ranges, worker_batches, _rng)
@@ -131,7 +132,8 @@ class _TrainDataset(IterableDataset):
         unread = np.sort(serve_order[skip * bsz:])  # flat indices still to serve, in read order
         pieces = shard_pieces(to_ranges(flat_to_positions(ranges, unread)), order,
                               cfg.shards.counts)
-        ahead = _Lookahead(read_pieces(pieces, cfg.shards.urls, cfg.shards.names), unread)
+        raws = read_pieces(pieces, cfg.shards.urls, cfg.shards.names, http=cfg.shards.http)
+        ahead = _Lookahead(raws, unread)
         if skip:
             filler.earlier = self._skipped(ranges, serve_order[:skip * bsz][::-1], order)
         flips = _rng(cfg.seed, plan.epoch, plan.layout.segment + 1, cfg.rank, worker, 2).random(
@@ -154,7 +156,8 @@ class _TrainDataset(IterableDataset):
         cfg = self.cfg
         for position in flat_to_positions(ranges, flats).tolist():
             piece = shard_pieces(np.array([[position, position + 1]]), order, cfg.shards.counts)
-            yield from read_pieces(piece, cfg.shards.urls, cfg.shards.names, log=False)
+            yield from read_pieces(piece, cfg.shards.urls, cfg.shards.names, log=False,
+                                   http=cfg.shards.http)
 
 
 class _Lookahead:
@@ -295,7 +298,7 @@ def _probe(shards: ShardList, image_size: int, class_cond: bool,
     tried = [i for i, n in enumerate(shards.counts) if n > 0][:PROBE_SHARDS]
     for shard in tried:
         pieces = [(shard, 0, min(shards.counts[shard], PROBE_SAMPLES_PER_SHARD))]
-        for raw in read_pieces(pieces, shards.urls, shards.names):
+        for raw in read_pieces(pieces, shards.urls, shards.names, http=shards.http):
             try:
                 if raw.fields is None:
                     raise CorruptSample(raw.problem)
@@ -307,6 +310,12 @@ def _probe(shards: ShardList, image_size: int, class_cond: bool,
                           f"their format (image field png/jpg/jpeg/gif, label field cls)")
 
 
+def http_options(spec: DataSpec) -> HttpOptions:
+    """The spec's http_* fields, as the readers take them."""
+    return HttpOptions(spec.http_retries, spec.http_backoff_s, spec.http_connect_timeout_s,
+                       spec.http_read_timeout_s)
+
+
 def resolve_field(spec: DataSpec, field: str, class_cond: bool = False,
                   num_classes: int | None = None) -> ShardList:
     """The shards of spec.shards (field "shards", train split) or spec.eval_shards ("eval"
@@ -314,7 +323,7 @@ def resolve_field(spec: DataSpec, field: str, class_cond: bool = False,
     classes than num_classes is refused: its labels would not fit the model."""
     try:
         shards = resolve(getattr(spec, field), spec.allow_pipe,
-                         split="train" if field == "shards" else "eval")
+                         split="train" if field == "shards" else "eval", http=http_options(spec))
     except DataError as err:
         raise type(err)(f"data.{field}: {err}") from None
     names = shards.class_names
@@ -368,7 +377,7 @@ class _EvalDataset(IterableDataset):
         last = min(first + counts[worker] * bsz, self.stop)
         order = np.arange(len(cfg.shards.urls))
         pieces = shard_pieces(np.array([[first, last]], dtype=np.int64), order, cfg.shards.counts)
-        raws = read_pieces(pieces, cfg.shards.urls, cfg.shards.names)
+        raws = read_pieces(pieces, cfg.shards.urls, cfg.shards.names, http=cfg.shards.http)
         filler = BatchFiller(cfg.image_size, cfg.class_cond, cfg.fallback, cfg.num_classes)
         for j, begin in enumerate(range(first, last, bsz)):
             picked = [next(raws) for _ in range(min(bsz, last - begin))]

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..dist import output
 from .errors import TooManyCorruptError
+from .http import HttpOptions
 from .preprocess import DECODABLE_EXTENSIONS, IMAGE_EXTENSIONS, preprocess_bytes
 from .sources import open_url
 from .tario import TarReader
@@ -74,13 +75,15 @@ def decode_sample(fields: dict[str, bytes], image_size: int, class_cond: bool,
 
 
 def read_pieces(pieces: Sequence[tuple[int, int, int]], urls: Sequence[str],
-                names: Sequence[str], log: bool = True) -> Iterator[RawSample]:
+                names: Sequence[str], log: bool = True,
+                http: HttpOptions = HttpOptions()) -> Iterator[RawSample]:
     """One RawSample per planned (shard, start, stop) sample, in order, whatever happens.
 
     Consecutive pieces of one shard are read in one pass over it (a resumed worker's pieces
     are scattered: its shuffle buffer's leftovers, then the rest). A shard that fails to
     open, ends early or is damaged yields placeholder samples for the rest of its pieces,
-    so positions never shift; one log line per damaged piece (unless log is False).
+    so positions never shift; one log line per damaged piece (unless log is False). http(s)
+    shards retry as `http` says (see http.py) before they count as damaged.
     """
     start = 0
     while start < len(pieces):
@@ -88,16 +91,16 @@ def read_pieces(pieces: Sequence[tuple[int, int, int]], urls: Sequence[str],
         while stop < len(pieces) and pieces[stop][0] == pieces[start][0]:
             stop += 1
         ranges = [(first, end) for _, first, end in pieces[start:stop]]
-        yield from _read_shard(pieces[start][0], ranges, urls, names, log)
+        yield from _read_shard(pieces[start][0], ranges, urls, names, log, http)
         start = stop
 
 
 def _read_shard(shard: int, ranges: list[tuple[int, int]], urls: Sequence[str],
-                names: Sequence[str], log: bool) -> Iterator[RawSample]:
+                names: Sequence[str], log: bool, http: HttpOptions) -> Iterator[RawSample]:
     wanted = [i for first, end in ranges for i in range(first, end)]
     got, problem = 0, "shard ended early"
     try:
-        fh, seekable = open_url(urls[shard])
+        fh, seekable = open_url(urls[shard], http)
         try:
             for (key, fields), index in zip(TarReader(fh, seekable).select(ranges), wanted):
                 yield RawSample(names[shard], index, key, fields)

@@ -14,11 +14,12 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Sequence
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urljoin, urlparse
 
 from braceexpand import braceexpand
 
 from .errors import EmptySourceError, PipeNotAllowedError, ShardNotFoundError
+from .http import HttpOptions, HttpReader, fetch, is_http
 from .tario import count_samples
 
 INDEX_FORMAT = "iddpm_ds-shards-v1"
@@ -33,7 +34,7 @@ class ShardList:
     """The resolved shards of one split, in canonical order, with exact sample counts."""
 
     urls: tuple[str, ...]
-    """Openable urls: local paths or `pipe:` commands."""
+    """Openable urls: local paths, http(s) urls or `pipe:` commands."""
     counts: tuple[int, ...]
     """Samples in each shard."""
     class_names: tuple[str, ...] | None = None
@@ -42,6 +43,8 @@ class ShardList:
     """Side of the stored images when the writer resized them (None: original sizes)."""
     names: tuple[str, ...] = field(default=())
     """Urls as the user wrote them (for messages and logs)."""
+    http: HttpOptions = field(default=HttpOptions())
+    """Retries and timeouts of http(s) reads (not part of the fingerprint)."""
 
     @property
     def total(self) -> int:
@@ -58,10 +61,11 @@ def is_remote(url: str) -> bool:
 
 
 def openable_url(url: str, allow_pipe: bool) -> str:
-    """Local path for local/`file:` urls; a `pipe:` command for pipe, http(s) and s3 urls.
+    """Local path for local/`file:` urls; http(s) urls as they are (read by http.py); a
+    `pipe:` command for pipe and s3 urls.
 
-    `pipe:` runs a shell command, so it (and the remote schemes that need one) is
-    refused unless the spec opts in with allow_pipe.
+    `pipe:` runs a shell command, so it (and s3://, which needs one) is refused unless the
+    spec opts in with allow_pipe.
     """
     scheme = urlparse(url).scheme
     if url.startswith("file:"):
@@ -71,19 +75,21 @@ def openable_url(url: str, allow_pipe: bool) -> str:
             raise EmptySourceError(f"unsupported shard url scheme {scheme!r} in {url!r}; use a "
                                    "local path, file:, pipe:, http(s):// or s3://")
         return url
+    if is_http(url):
+        return url
     if not allow_pipe:
         raise PipeNotAllowedError(
             f"shard url {url!r} needs a shell command (pipe:); set data.allow_pipe: true to "
             "allow the spec to run commands")
     if url.startswith("pipe:"):
         return url
-    if url.startswith("s3://"):
-        return f"pipe:aws s3 cp --quiet {shlex.quote(url)} -"
-    return f"pipe:curl --silent --show-error --fail --location {shlex.quote(url)}"
+    return f"pipe:aws s3 cp --quiet {shlex.quote(url)} -"
 
 
-def open_url(url: str) -> tuple[BinaryIO, bool]:
+def open_url(url: str, http: HttpOptions = HttpOptions()) -> tuple[BinaryIO, bool]:
     """Open an openable url for reading -> (file object, seekable)."""
+    if is_http(url):
+        return HttpReader(url, http), False
     if url.startswith("pipe:"):
         from webdataset.gopen import gopen  # runs the command; checks its exit status on close
 
@@ -101,13 +107,15 @@ def is_index(source: str | Sequence[str]) -> bool:
     return isinstance(source, str) and source.split("#", 1)[0].endswith(".json")
 
 
-def resolve(source: str | Sequence[str], allow_pipe: bool, split: str) -> ShardList:
+def resolve(source: str | Sequence[str], allow_pipe: bool, split: str,
+            http: HttpOptions = HttpOptions()) -> ShardList:
     """Resolve a spec's shard source to a checked ShardList (raises DataError subclasses).
 
-    `split` picks the split of an index file without a "#split" suffix.
+    `split` picks the split of an index file without a "#split" suffix; `http` is how
+    http(s) reads (the index's and later the shards') retry and time out.
     """
     if is_index(source):
-        shards = load_index(source, split, allow_pipe)
+        shards = load_index(source, split, allow_pipe, http)
     else:
         names = expand(source)
         if not names:
@@ -115,7 +123,7 @@ def resolve(source: str | Sequence[str], allow_pipe: bool, split: str) -> ShardL
         urls = [openable_url(name, allow_pipe) for name in names]
         _check_local_exist(urls, names)
         counts = _sibling_index_counts(urls) or [_count(u, n) for u, n in zip(urls, names)]
-        shards = ShardList(tuple(urls), tuple(counts), names=tuple(names))
+        shards = ShardList(tuple(urls), tuple(counts), names=tuple(names), http=http)
     if shards.total == 0:
         raise EmptySourceError(f"shard source {source!r} holds {len(shards.urls)} shards "
                                "but no samples")
@@ -177,18 +185,14 @@ def _sibling_index_counts(urls: Sequence[str]) -> list[int] | None:
         return None
 
 
-def load_index(source: str, split: str, allow_pipe: bool) -> ShardList:
-    """Read an index file ("path.json" or "path.json#split"); shard urls relative to it."""
+def load_index(source: str, split: str, allow_pipe: bool,
+               http: HttpOptions = HttpOptions()) -> ShardList:
+    """Read an index file ("path.json" or "path.json#split", local or http(s)); shard urls
+    relative to it."""
     path_text, _, wanted = source.partition("#")
-    if is_remote(path_text):
-        raise EmptySourceError(f"index file {path_text!r} must be a local path or file: url "
-                               "(its shard urls may be remote)")
-    path = Path(openable_url(path_text, allow_pipe=False))
-    if not path.is_file():
-        raise ShardNotFoundError(f"index file {path_text!r} does not exist "
-                                 "(write one with iddpm-shards)")
+    text, base = _index_text(path_text, http)
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(text)
         splits = index["splits"]
     except (ValueError, KeyError, TypeError) as err:
         raise EmptySourceError(f"{path_text!r} is not an iddpm-shards index: {err}") from err
@@ -201,15 +205,35 @@ def load_index(source: str, split: str, allow_pipe: bool) -> ShardList:
     entries = splits[name]["shards"]
     if not entries:
         raise EmptySourceError(f"split {name!r} of index {path_text!r} lists no shards")
-    names = [_join(path.parent, e["url"]) for e in entries]
+    names = [_join(base, e["url"]) for e in entries]
     urls = [openable_url(n, allow_pipe) for n in names]
     _check_local_exist(urls, names)
     classes = index.get("class_names")
     return ShardList(tuple(urls), tuple(int(e["samples"]) for e in entries),
-                     tuple(classes) if classes else None, index.get("image_size"), tuple(names))
+                     tuple(classes) if classes else None, index.get("image_size"), tuple(names),
+                     http)
 
 
-def _join(folder: Path, url: str) -> str:
+def _index_text(path_text: str, http: HttpOptions) -> tuple[str, str]:
+    """The index file's text and the base its relative shard urls resolve against."""
+    if is_http(path_text):
+        try:
+            return fetch(path_text, http).decode("utf-8", "replace"), path_text
+        except OSError as err:
+            raise ShardNotFoundError(f"index {path_text!r} cannot be read: {err}") from None
+    if is_remote(path_text):
+        raise EmptySourceError(f"index file {path_text!r} must be a local path, file: or "
+                               "http(s):// url (its shard urls may be remote)")
+    path = Path(openable_url(path_text, allow_pipe=False))
+    if not path.is_file():
+        raise ShardNotFoundError(f"index file {path_text!r} does not exist "
+                                 "(write one with iddpm-shards)")
+    return path.read_text(), str(path.parent)
+
+
+def _join(base: str, url: str) -> str:
+    if is_http(base) and not urlparse(url).scheme:
+        return urljoin(base, url)  # relative to the index url, as a browser would
     if is_remote(url) or url.startswith("file:") or os.path.isabs(url):
         return url
-    return str(folder / url)
+    return str(Path(base) / url)

@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 from .base import Spec
 from .errors import FieldError
 
-_PIPE_PREFIXES = ("pipe:", "http://", "https://", "s3://")
+_PIPE_PREFIXES = ("pipe:", "s3://")
 
 ShardSource = Union[str, list[str]]
 
@@ -23,7 +23,9 @@ class DataSpec(Spec):
     shards: ShardSource = "data/digits/index.json"
     """Training shards: an index file written by iddpm-shards ("dir/index.json", or
     "dir/index.json#train" to name the split), a brace pattern ("dir/train-{000000..000099}.tar"),
-    or a list of those. Local paths, file:, and (with allow_pipe) pipe:, http(s):// and s3://."""
+    or a list of those. Local paths, file:, http(s):// (the index too, e.g.
+    "http://storage:8080/digits/index.json#train"; read with retries, see http_retries),
+    and with allow_pipe pipe: and s3://."""
     eval_shards: Optional[ShardSource] = None
     """Held-out shards, same forms as `shards`; an index file without "#split" gives its
     "eval" split."""
@@ -48,9 +50,23 @@ class DataSpec(Spec):
     """Most recent samples of a rank (rounded up to whole batches) that
     max_corrupt_fraction is measured over."""
     allow_pipe: bool = False
-    """Allow shard urls that run shell commands: pipe:, and http(s):// / s3:// (run as
-    `pipe:curl ...` / `pipe:aws s3 cp ...`). Off by default: a spec must not run commands
-    unasked."""
+    """Allow shard urls that run shell commands: pipe:, and s3:// (run as
+    `pipe:aws s3 cp --quiet URL -`, which needs the aws CLI). Off by default: a spec must not
+    run commands unasked. http(s):// needs no opt-in (read in-process)."""
+    http_retries: int = Field(5, ge=0)
+    """Retries of an http(s) shard or index read after a refused or dropped connection, a
+    read timeout or a transient answer (5xx, 429); each resumes at the byte where the read
+    stopped, so no sample is lost or read twice. Counted per failure run: a retry that
+    reads on starts the count again. Past it (and at once for 404 and other permanent
+    answers) the shard's remaining samples are missing data under max_corrupt_fraction."""
+    http_backoff_s: float = Field(1.0, gt=0)
+    """Wait before the first retry; it doubles with each retry (at most 30 s). With the
+    defaults, 5 retries ride out a server that is away for up to ~31 s."""
+    http_connect_timeout_s: float = Field(10.0, gt=0)
+    """Seconds to wait for an http(s) connection to open before that try fails."""
+    http_read_timeout_s: float = Field(30.0, gt=0)
+    """Seconds an open http(s) connection may stay silent (no answer, no bytes) before that
+    try fails: what ends a stalled server's hold on a loader worker."""
 
     @field_validator("shards", "eval_shards", mode="before")
     @classmethod
