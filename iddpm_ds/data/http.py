@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, TypeVar
 from urllib.parse import urlsplit
 
-from .. import dist
+from ..dist import output
 
 MAX_BACKOFF_S = 30.0
 """Cap on the wait between two retries."""
@@ -143,7 +143,7 @@ class HttpReader(io.RawIOBase):
                     raise _final(err, self.url, failures) from None
                 failures += 1
                 wait = min(self.options.backoff_s * 2 ** (failures - 1), MAX_BACKOFF_S)
-                dist.log("data_http_retry", url=self.url, retry=failures,
+                output.log("data_http_retry", url=self.url, retry=failures,
                          retries=self.options.retries, wait_s=round(wait, 3), at_byte=self.pos,
                          error=f"{type(err).__name__}: {err}")
                 time.sleep(wait)
