@@ -22,6 +22,8 @@ import gc
 import math
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 import traceback
 import weakref
@@ -356,6 +358,23 @@ def test_paper_job_throughput_mfu_and_memory_from_its_metrics(shards, tmp_path, 
         assert result["mfu"] is None and result["memory_kind"] == "cpu_max_rss", result
         assert "after out-of-memory at 4 (engine freed)" in result["detail"], result["detail"]
         assert "batch 3/GPU" in result["detail"], result["detail"]
+
+
+def test_gpu_check_runs_the_marker_and_prints_the_table():
+    """bench.gpu_check picks the `gpu` tests and prints them as the table (the two that need
+    a GPU, so that this costs a pytest start-up only); without a GPU and --dry-run: exit 2."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--dry-run", "--", "-k", "nccl or host_sync"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("| check |"):].splitlines()
+    assert "gpu_check on CPU (dry run)" in proc.stdout and len(table) == 4, proc.stdout
+    assert table[2].startswith("| NCCL initialisation | SKIP |") and "needs a GPU" in table[2], table
+    assert table[3].startswith("| test_cuda_update_matches_reference_without_host_sync | SKIP |"), table
+    if not GPU:
+        proc = subprocess.run([sys.executable, "-m", "bench.gpu_check"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "use --dry-run" in proc.stderr
 
 
 def test_a_row_over_its_budget_is_killed_and_fails():
