@@ -53,7 +53,7 @@ def hand_count(job, batch: int = 2) -> float:
 
 
 @pytest.mark.parametrize("overrides", [{}, {"model.use_checkpoint": True, "train.attention_kernel": "sdpa"},
-                                       {"model.num_res_blocks": 2, "model.attention_resolutions": "8,4"}])
+                                       {"model.num_res_blocks": 2, "model.attention_resolutions": "16,8"}])
 def test_flops_per_image_match_a_hand_count_of_the_layers(tmp_path, overrides):
     job = tiny_job(tmp_path / "run", None, **overrides)
     assert train_flops_per_image(job) == pytest.approx(hand_count(job), rel=1e-9)
