@@ -243,8 +243,8 @@ def paper_throughput(shards64: Path, tmp: Path, inject_oom: int) -> dict:
     retries = f"; after out-of-memory at {', '.join(failed)}" if failed else ""
     return {"detail": f"{record['params'] / 1e6:.1f}M params, batch {batch}/GPU ({how}{retries}), "
                       f"data wait {record['data_wait_frac']:.0%}, {record['tflops_per_s_per_rank']:.1f} "
-                      f"TFLOP/s ({record['flops_per_image'] / 1e9:.0f} GFLOP/image) of "
-                      f"{record['peak_tflops_per_s'] or 'no data-sheet'} peak",
+                      f"TFLOP/s ({record['flops_per_image'] / 1e9:.0f} GFLOP/image), "
+                      + (f"peak {record['peak_tflops_per_s']:.0f} TFLOP/s" if record["mfu"] else "no data-sheet peak"),
             "img_s": record["img_per_s"], "mfu": record["mfu"], "memory_kind": record["memory_kind"],
             "peak_bytes": int(record["memory_mb_per_rank"][0] * 2**20)}
 
