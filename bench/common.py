@@ -1,9 +1,7 @@
-"""Shared pieces of the training benchmarks: the bench config, its job spec, the bare loop
-every ratio is taken against, interleaved timing and per-phase clocks.
-
-The bench config is the reference's: 32 px, 64 channels, 2 res blocks, attention at 16
-and 8, learn_sigma, cosine, T=1000, dropout 0.1, batch 16 per rank.
-"""
+"""Shared pieces of the benchmarks: the bench job (iddpm_ds.testing.bench_job: the
+reference's 32 px, 64 ch, 2 res blocks, attention 16,8, learn_sigma, cosine, T=1000,
+dropout 0.1, batch 16 per rank), the bare loop every training ratio is taken against,
+interleaved timing, per-phase clocks, and torchrun workers."""
 from __future__ import annotations
 
 import json
@@ -19,35 +17,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from iddpm_ds.testing import BENCH_MODEL, bench_job, digits_shards  # noqa: F401 - re-exported
+
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = {"image_size": 32, "num_channels": 64, "num_res_blocks": 2, "attention_resolutions": "16,8",
-         "learn_sigma": True, "dropout": 0.1}
-DIFFUSION = {"diffusion_steps": 1000, "noise_schedule": "cosine", "learn_sigma": True}
 BATCH = 16
 CONFIG_LINE = ("32 px, 64 ch, 2 res blocks, attention 16,8, learn_sigma, cosine, T=1000, "
                f"dropout 0.1, batch {BATCH} per rank")
-
-
-def make_shards(folder: Path) -> Path:
-    """The digits demo shards at 32 px (1,797 images; tiny PNGs, cheap to decode)."""
-    if not (folder / "index.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "launch/make_shards.py"), "digits", "--out",
-                        str(folder), "--image-size", "32", "--quiet"], check=True)
-    return folder
-
-
-def make_job(shards: Path, run_dir: Path, *, precision: str = "fp32", stage: int = 0,
-             workers: int = 1, sampler: str = "uniform", train: dict[str, Any] | None = None):
-    """The service's job for the bench config; `train` adds lever fields (train.compile ...)."""
-    from iddpm_ds.spec.job import JobSpec
-
-    return JobSpec.model_validate({
-        "model": MODEL, "diffusion": DIFFUSION,
-        "data": {"shards": f"{shards}/index.json#train", "num_workers": workers, "shuffle_buffer": 256},
-        "train": {"batch_size": BATCH, "lr": 1e-4, "log_interval": 10**9, "save_interval": 10**9,
-                  "ema_rate": "0.9999", "schedule_sampler": sampler, **(train or {})},
-        "precision": precision, "deepspeed": {"zero_stage": stage},
-        "output": {"run_dir": str(run_dir), "tensorboard": False}})
 
 
 class Bare:
@@ -60,7 +35,7 @@ class Bare:
         from iddpm_ds import build_diffusion, build_model
 
         torch.manual_seed(0)
-        self.model = build_model(job.model).to(device)
+        self.model = build_model(job.model).to(device)  # fp32, sdpa attention: torch's defaults
         if world_size > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(self.model)
         self.diffusion = build_diffusion(job.diffusion)
@@ -143,53 +118,13 @@ class PhaseClock:
         self.seconds.clear()
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, reps: int = 10) -> float:
-    """Best dense-matmul FLOP/s over a few sizes: the practical peak of this device."""
-    best = 0.0
-    sizes = (1024, 2048, 3072) if device.type == "cpu" else (4096, 8192)
-    for size in sizes:
-        a = torch.randn(size, size, dtype=dtype, device=device)
-        b = torch.randn(size, size, dtype=dtype, device=device)
-        a @ b
-        seconds = timed(lambda: a @ b, reps, device)
-        best = max(best, 2 * size**3 / seconds)
-    return best
-
-
-# dense bf16 tensor-core peaks (vendor data sheets, no sparsity), by device-name fragment;
-# the first fragment found in the name wins (the PCIe and NVL H100s are slower than the SXM)
-DENSE_BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H100": 989e12,
-                   "A100": 312e12, "L40S": 362e12}
-
-
-def device_peak(device: torch.device, reps: int = 10) -> tuple[float, str]:
-    """The bf16 FLOP/s an MFU is taken against, and what it is: the data sheet's for a known
-    GPU, else this device's measured matmul peak (matmul_peak)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in DENSE_BF16_PEAK.items():
-            if key in name:
-                return peak, f"{name} dense bf16 peak {peak / 1e12:.0f} TFLOP/s"
-    peak = matmul_peak(torch.bfloat16, device, reps)
-    return peak, f"measured bf16 matmul peak {peak / 1e12:.2f} TFLOP/s"
-
-
-def step_flops(step: Callable[[], None]) -> int:
-    """FLOPs of one training step (forward + backward), counted by torch."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops()
-
-
-def run_workers(script: str, world: int, worker_args: list[str], threads: int, what: str) -> dict:
-    """`script --worker ...` as `world` torchrun processes sharing `threads` CPU threads;
-    returns the dict that rank 0 printed on its `RESULT {json}` line."""
+def run_workers(module: str, world: int, worker_args: list[str], threads: int, what: str) -> dict:
+    """`python -m module --worker ...` as `world` torchrun processes sharing `threads` CPU
+    threads, from the checkout's root; returns the dict rank 0 printed as `RESULT {json}`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(world), script, "--worker", *worker_args]
+           str(world), "-m", module, "--worker", *worker_args]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // world))}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])

@@ -11,7 +11,7 @@ job's image size, and from both the loader cores and network bytes/s an 8-GPU no
   already near the size, e.g. LSUN); bytes per sample are the shard bytes (tar headers
   included) over the samples.
 
-    OMP_NUM_THREADS=1 python bench/data_capacity.py          # ~1-2 min on this VM
+    OMP_NUM_THREADS=1 python -m bench.data_capacity          # ~1-2 min on this VM
 """
 from __future__ import annotations
 
@@ -26,33 +26,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import DENSE_BF16_PEAK, step_flops
-
-from iddpm_ds import build_diffusion, build_model
 from iddpm_ds.data import build_train_stream
 from iddpm_ds.data.shards import WriteOptions, write_items
 from iddpm_ds.spec.data import DataSpec
 from iddpm_ds.spec.job import load_job
-from iddpm_ds.superres import with_low_res
+from iddpm_ds.train.flops import PEAK_FLOPS, train_flops_per_image
 
 ROOT = Path(__file__).resolve().parents[1]
 GPUS_PER_NODE = 8
-
-
-def flops_per_image(job) -> float:
-    batch = 2
-    with torch.device("meta"):
-        model = build_model(job.model)
-        x_start = torch.empty(batch, 3, job.model.image_size, job.model.image_size)  # [N, C, H, W]
-        t = torch.zeros(batch, dtype=torch.long)
-        kwargs = with_low_res(job.model, x_start, {})
-        if job.model.class_cond:
-            kwargs["y"] = torch.zeros(batch, dtype=torch.long)
-    diffusion = build_diffusion(job.diffusion)
-    def step() -> None:
-        diffusion.training_losses(model, x_start, t, kwargs)["loss"].mean().backward()
-
-    return step_flops(step) / batch
 
 
 def _images(size: int, count: int, fmt: str):
@@ -99,7 +80,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=600, help="images per size (a third at 256 px)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    peak = DENSE_BF16_PEAK["H200"]
+    peak = PEAK_FLOPS["H200"]["bf16"]
     jobs = sorted((ROOT / "launch" / "jobs" / "paper").glob("*.yaml"))
     specs = {p.stem: load_job(p) for p in jobs}
     decode: dict[tuple[int, str], tuple[float, float]] = {}
@@ -114,7 +95,7 @@ def main() -> None:
           "decode img/s per core | cores per 8-GPU node | kB/sample | network per node |")
     print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
     for name, job in specs.items():
-        flops = flops_per_image(job)
+        flops = train_flops_per_image(job)
         gpu_rate = args.mfu * peak / flops
         size = job.model.image_size
         for fmt in ("png", "jpg"):

@@ -15,8 +15,8 @@ loader start-up included; each pair is repeated (order alternating) and the medi
 per-pair ratios is printed. A second table then attributes what is NOT like for like:
 moving the resize offline, and adding a worker, each within one reader.
 
-    python bench/data_throughput.py                 # 10,000 images, ~3 min on 2 cores
-    python bench/data_throughput.py --images 2000 --repeats 1   # quick check
+    python -m bench.data_throughput                 # 10,000 images, ~3 min on 2 cores
+    python -m bench.data_throughput --images 2000 --repeats 1   # quick check
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check in one command: fp16 loss scaling with a forced overflow, bf16, ZeRO-2/3 on
-# one GPU, NCCL, img/s + MFU + peak memory of the paper's ImageNet-64 job at the largest
-# batch that fits, and the sampler's no-host-sync test; one Markdown table. At most 8 minutes
-# on one H100 or H200 (each row has a time budget; a row over it fails, the others run).
+# The GPU check in one command: installs the carried wheels, then `python -m bench.gpu_check`
+# runs the tests marked `gpu` (tests/test_gpu_check.py: fp16 loss scaling with a forced
+# overflow, bf16, ZeRO-2/3 on one GPU, NCCL, img/s + MFU + peak memory of the paper's
+# ImageNet-64 job at the largest batch that fits; the sampler's no-host-sync test) and prints
+# one Markdown table. At most 8 minutes on one H100 or H200 (each row has a time budget; a
+# row over it is killed and fails, the others run).
 #
 #   bash bench/gpu_check.sh                 # on a GPU machine whose python3 has CUDA torch
 #   bash bench/gpu_check.sh --dry-run       # the same rows on CPU at tiny sizes (CI runs this)
@@ -11,13 +13,14 @@
 # A GPU machine without network needs nothing but python3 with torch, and .whl/ from here:
 #   bash bench/build_wheels.sh              # on a machine with network (pins: bench/gpu_wheels.txt)
 # then copy the repository with .whl/. The project's dependencies (pyproject.toml, less torch)
-# that the machine lacks, or has at a version the project cannot use, are installed from
-# .whl/ alone (pip --no-index); what it has and can use stays as it is.
+# and the test runner (pytest, pytest-timeout) that the machine lacks, or has at a version
+# the project cannot use, are installed from .whl/ alone (pip --no-index); what it has and
+# can use stays as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-dependencies() {  # pyproject.toml's [project] dependencies, torch left out (the machine's own)
+dependencies() {  # pyproject.toml's [project] dependencies, torch left out (the machine's own), + pytest
     "$PY" - <<'EOF'
 import re
 try:
@@ -29,6 +32,7 @@ except ImportError:  # Python 3.10: the list's own lines
 for requirement in requirements:
     if re.split(r"[<>=!~ ;\[]", requirement)[0].lower() != "torch":
         print(requirement)
+print("pytest\npytest-timeout")  # the check is a pytest run (-m gpu)
 EOF
 }
 
@@ -75,4 +79,4 @@ if [ "${1:-}" = "--install-only" ]; then
     exit 0
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-exec "$PY" bench/gpu_check.py "$@"
+exec "$PY" -m bench.gpu_check "$@"

@@ -2,7 +2,7 @@
 """Sampling and evaluation throughput: DDIM-50 img/s and bits/dim-eval img/s, split over 1
 and 2 ranks, in fp32, bf16 and bf16-mixed.
 
-The bench config's model (bench/common.py; weights as initialised, which does not change
+The bench config's model (iddpm_ds.testing.BENCH_MODEL; weights as initialised, which does not change
 the work) runs through the package's own entry points, as iddpm-sample and iddpm-evaluate
 call them: image_sampler.sample (DDIM, 50 respaced steps, eta 0, per-image noise) and
 bpd.evaluate_bpd (calc_bpd_loop over a 50-step respacing, the trainer's default
@@ -11,7 +11,7 @@ launch of that many processes sharing --threads CPU threads; the ratios are agai
 at 1 rank in the same run. Images are split over ranks by batch, so 2 ranks on the same
 cores measure the split's overhead, and on 2 GPUs would double the rate.
 
-    python bench/sample_throughput.py [--images 32] [--batch 16] [--world 1 2]
+    python -m bench.sample_throughput [--images 32] [--batch 16] [--world 1 2]
 """
 from __future__ import annotations
 
@@ -20,12 +20,11 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DIFFUSION, MODEL, run_workers  # noqa: E402
+from bench.common import BENCH_MODEL, run_workers
+from iddpm_ds.testing import BENCH_DIFFUSION
 
 PRECISIONS = ("fp32", "bf16", "bf16-mixed")
 TASKS = {"sample": ("ddim50_img_per_s", "DDIM-50 sampling"), "bpd": ("bpd_img_per_s", "bits/dim eval (50 steps)")}
@@ -43,18 +42,18 @@ def worker(args) -> None:
 
     group.init()
     device, rank, world = placement.device(), env.rank(), env.world_size()
-    spec = ModelSpec(**MODEL)
+    spec = ModelSpec(**BENCH_MODEL)
     torch.manual_seed(0)
     model = at_precision(build_model(spec).to(device).eval(), args.precision)
     out = {}
     if "sample" in args.tasks:
-        ddim = build_diffusion(DiffusionSpec(**DIFFUSION, timestep_respacing="ddim50"))
+        ddim = build_diffusion(DiffusionSpec(**BENCH_DIFFUSION, timestep_respacing="ddim50"))
         opts = SampleOptions(num_samples=args.images, batch_size=args.batch, use_ddim=True, progress=False)
         sample(model, ddim, spec, SampleOptions(num_samples=min(2, args.batch), batch_size=2,
                                                 use_ddim=True, progress=False), device)  # warm-up
         out["ddim50_img_per_s"] = sample(model, ddim, spec, opts, device).img_per_s
     if "bpd" in args.tasks:
-        respaced = build_diffusion(DiffusionSpec(**DIFFUSION, timestep_respacing="50"))
+        respaced = build_diffusion(DiffusionSpec(**BENCH_DIFFUSION, timestep_respacing="50"))
         gen = torch.Generator().manual_seed(rank)
         mine = [b for b in range(0, args.images, args.batch) if (b // args.batch) % world == rank]
         batches = [(torch.rand(min(args.batch, args.images - b), 3, 32, 32, generator=gen) * 2 - 1, {})
@@ -69,7 +68,7 @@ def worker(args) -> None:
 
 
 def launch(args, world: int, precision: str) -> dict:
-    return run_workers(__file__, world, ["--precision", precision, "--images", str(args.images),
+    return run_workers("bench.sample_throughput", world, ["--precision", precision, "--images", str(args.images),
                                          "--batch", str(args.batch), "--tasks", *args.tasks],
                        args.threads, precision)
 

@@ -14,8 +14,8 @@ where the backward pass runs there (iddpm_ds's all-gather is asynchronous and ov
 it, the reference's three are blocking); and compute only, one process consuming what
 the gathers would have returned.
 
-    python bench/sampler_overhead.py            # full run (about a minute on 2 cores)
-    python bench/sampler_overhead.py --quick    # smoke run
+    python -m bench.sampler_overhead            # full run (about a minute on 2 cores)
+    python -m bench.sampler_overhead --quick    # smoke run
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 """The speed levers, one row each and combined, against the bare fp32 loop.
 
 Every row is a fresh process (torch.compile caches and DeepSpeed's autocast state are
-process-wide) running bench/train_throughput.py's worker at world size 1: the service
-with that row's job fields and the bare fp32 loop (bench/common.py), in alternating timed
+process-wide) running bench.train_throughput's worker at world size 1: the service
+with that row's job fields and the bare fp32 loop (bench.common), in alternating timed
 blocks. Each row's ratio is service img/s / bare fp32 img/s measured in that same process,
 so rows compare like for like even when the machine's load drifts between rows.
 
@@ -11,8 +11,8 @@ Targets (issue 14, on the 2-core development VM): bf16 >= 2.2x and fp32 >= 1.13x
 fp32 loop (which is about 1.15x faster than the original improved-diffusion TrainLoop,
 so these are 2.5x and 1.3x that loop).
 
-    python bench/train_levers.py                 # every row (~10 min on 2 cores)
-    python bench/train_levers.py --rows fp32 "fp32 all levers"
+    python -m bench.train_levers                 # every row (~10 min on 2 cores)
+    python -m bench.train_levers --rows fp32 "fp32 all levers"
 """
 from __future__ import annotations
 
@@ -23,9 +23,8 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BATCH, CONFIG_LINE, make_shards, paired_ratio  # noqa: E402
-from train_throughput import launch  # noqa: E402
+from bench.common import BATCH, CONFIG_LINE, digits_shards, paired_ratio
+from bench.train_throughput import launch
 
 OFF = ["train.adamw_kernel=\"loop\""]  # torch AdamW's own default on CPU: the levers-off service
 ALL = ["train.adamw_kernel=\"fused\"", "train.channels_last=true", "train.compile=true"]
@@ -62,7 +61,7 @@ def run_row(name: str, shards: Path, args) -> dict:
     precision, fields, _ = ROWS[name]
     row_args = SimpleNamespace(precision=precision, zero_stage=0, workers=args.workers,
                                steps=args.steps, blocks=args.blocks, warmup=args.warmup,
-                               sampler="uniform", phases=False, flops=False, set=fields,
+                               sampler="uniform", phases=False, set=fields,
                                threads=args.threads)
     return launch(row_args, 1, shards)
 
@@ -80,7 +79,7 @@ def main() -> int:
           f"{args.workers} loader worker(s), {args.threads} threads")
     print(f"{'row':<24} {'service img/s':>13} {'bare fp32 img/s':>15} {'ratio':>6} {'warm-up s':>9}  gain from")
     with tempfile.TemporaryDirectory() as tmp:
-        shards = make_shards(Path(tmp) / "digits")
+        shards = digits_shards(Path(tmp) / "digits")
         for name in args.rows:
             result = run_row(name, shards, args)
             times = result["times"]

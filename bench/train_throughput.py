@@ -2,7 +2,7 @@
 """Training-step throughput of the service against a bare loop, with time per phase.
 
 At each world size (default 1 and 2) one launch of that many processes trains the bench
-config (bench/common.py) two ways, in alternating timed blocks so machine noise hits both:
+config (iddpm_ds.testing.bench_job) two ways, in alternating timed blocks so machine noise hits both:
   bare     fp32 model + GaussianDiffusion.training_losses + torch AdamW (its defaults),
            batch already in memory, uniform t; torch DDP at world size > 1.
   service  iddpm_ds's Trainer: the step of Trainer.run (train_step, the after-step
@@ -12,12 +12,14 @@ config (bench/common.py) two ways, in alternating timed blocks so machine noise 
            on-device metrics.
 Then a second pass times each phase of both loops (data wait, forward, backward, sampler,
 optimizer step, EMA, metrics + preemption check), synchronising the device at every phase
-boundary. That sync happens here only; the trainer's own step never synchronises.
+boundary. That sync happens here only; the trainer's own step never synchronises. FLOPs per
+image, model TFLOP/s, MFU (GPU only: against the data-sheet peak) and peak memory are
+the service's own logged metrics (one log_metrics call after the timed blocks).
 
 Speed levers are job fields: --precision bf16-mixed, --set train.compile=true, ...
-(bench/train_levers.py runs the whole lever table).
+(python -m bench.train_levers runs the whole lever table).
 
-    python bench/train_throughput.py [--world 1 2] [--steps 4] [--blocks 5] [--precision fp32]
+    python -m bench.train_throughput [--world 1 2] [--steps 4] [--blocks 5] [--precision fp32]
                                      [--zero-stage 0] [--workers 1] [--set train.compile=true]
 """
 from __future__ import annotations
@@ -32,9 +34,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (BATCH, CONFIG_LINE, Bare, PhaseClock, interleaved, make_job,  # noqa: E402
-                    make_shards, matmul_peak, paired_ratio, run_workers, step_flops, timed)
+from bench.common import (BATCH, CONFIG_LINE, Bare, PhaseClock, bench_job, digits_shards, interleaved,
+                          paired_ratio, run_workers, timed)
 
 PHASES = ["data wait", "forward (losses)", "backward", "sampler (sample + update)", "optimizer step",
           "EMA", "divergence guard", "metrics + preemption check"]
@@ -101,22 +102,23 @@ def worker(args) -> None:
     group.init()
     world, device = env.world_size(), placement.device()
     sampler = args.sampler or ("uniform" if world == 1 else "loss-second-moment")
-    train = {k.split(".", 1)[1]: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    job = make_job(Path(args.shards), Path(args.run_dir), precision=args.precision,  # nothing saved
-                   stage=args.zero_stage, workers=args.workers, sampler=sampler, train=train)
-    peak = matmul_peak(torch.bfloat16 if "bf16" in args.precision else torch.float32, device)
+    fields = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    job = bench_job(Path(args.run_dir), Path(args.shards), precision=args.precision,  # nothing saved
+                    **{"deepspeed.zero_stage": args.zero_stage, "data.num_workers": args.workers,
+                       "train.schedule_sampler": sampler, **fields})
     result = measure(job, args, world, device)
     if env.is_main():
         print("RESULT " + json.dumps({
             "world": world, "sampler": sampler, "precision": args.precision, "stage": args.zero_stage,
             "workers": args.workers, "set": args.set, "threads": torch.get_num_threads(),
-            "peak": peak, "device": str(device), **result}), flush=True)
+            "device": str(device), **result}), flush=True)
     group.shutdown()
 
 
 def measure(job, args, world: int, device) -> dict:
     """Warm-up, interleaved timed blocks, then the per-phase pass, of both loops."""
-    from iddpm_ds.dist import group
+    from iddpm_ds import placement
+    from iddpm_ds.dist import env, group
     from iddpm_ds.train.trainer import Trainer
 
     barrier = group.barrier if world > 1 else (lambda: None)
@@ -129,10 +131,14 @@ def measure(job, args, world: int, device) -> dict:
     warm = {name: timed(step, args.warmup, device) * args.warmup for name, step in steps.items()}
     times = interleaved(steps, args.blocks, args.steps, device, barrier)
     phases = phase_pass(steps, clocks, args.steps, device, barrier) if args.phases else {}
-    flops = step_flops(steps["bare"]) if args.flops and world == 1 else 0
+    trainer.log_metrics()  # the run's own utilisation record (collective; writes metrics.jsonl)
+    logged = json.loads((trainer.run_dir / "metrics.jsonl").read_text().splitlines()[-1]) \
+        if env.is_main() else {}
     trainer.data.close()
     times = {k: _slowest_rank(v, world) for k, v in times.items()}
-    return {"times": times, "phases": phases, "warmup_s": warm, "flops": flops}
+    return {"times": times, "phases": phases, "warmup_s": warm,
+            "logged": {k: logged.get(k) for k in ("flops_per_image", "peak_tflops_per_s", "memory_mb_per_rank",
+                                                   "memory_kind")}}
 
 
 def _slowest_rank(values: list[float], world: int) -> list[float]:
@@ -148,7 +154,7 @@ def _slowest_rank(values: list[float], world: int) -> list[float]:
 def launch(args, world: int, shards: Path) -> dict:
     """One run of `world` processes (torchrun); returns rank 0's result."""
     with tempfile.TemporaryDirectory() as run_dir:
-        return run_workers(__file__, world, ["--shards", str(shards), "--run-dir", run_dir]
+        return run_workers("bench.train_throughput", world, ["--shards", str(shards), "--run-dir", run_dir]
                            + passthrough(args), args.threads, "the service bench")
 
 
@@ -158,7 +164,6 @@ def passthrough(args) -> list[str]:
            "--warmup", str(args.warmup)]
     out += ["--sampler", args.sampler] if args.sampler else []
     out += [] if args.phases else ["--no-phases"]
-    out += [] if args.flops else ["--no-flops"]
     for item in args.set:
         out += ["--set", item]
     return out
@@ -175,11 +180,13 @@ def report(result: dict) -> None:
         ratio = 1.0 if name == "bare fp32" else paired_ratio(times["service"], times["bare"])
         warm = result["warmup_s"]["bare" if name == "bare fp32" else "service"]
         print(f"{name:>12} {BATCH * world / sec:18.2f} {ratio:14.3f}   {warm:8.1f}")
-    if result["flops"]:
-        achieved = result["flops"] / bare
-        print(f"bare fp32: {result['flops'] / 1e9:.2f} GFLOP/step per rank (torch's count), "
-              f"{achieved / 1e9:.1f} GFLOP/s per rank, {achieved / result['peak']:.0%} of the measured "
-              f"matmul peak ({result['peak'] / 1e9:.0f} GFLOP/s)")
+    logged = result["logged"]  # the service run's own metrics
+    achieved = logged["flops_per_image"] * BATCH / service
+    peak = logged["peak_tflops_per_s"]
+    print(f"service (its logged metrics): {logged['flops_per_image'] / 1e9:.2f} GFLOP/image, "
+          f"{achieved / 1e12:.3f} TFLOP/s per rank at the service's timed speed, MFU "
+          + (f"{achieved / peak / 1e12:.1%} of {peak:.0f} TFLOP/s" if peak else "n/a (no data-sheet peak)")
+          + f"; peak memory {max(logged['memory_mb_per_rank']):.0f} MB per rank ({logged['memory_kind']})")
     if result["phases"]:
         print(f"{'phase (ms per step, device synced at each boundary)':<52} {'bare':>8} {'service':>8}")
         for phase in PHASES + ["other (not in a phase above)", "total"]:
@@ -208,7 +215,6 @@ def parse(argv: list[str] | None = None):
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="CPU threads shared by the ranks (OMP_NUM_THREADS = threads / world)")
     parser.add_argument("--no-phases", dest="phases", action="store_false", help="skip the per-phase pass")
-    parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count")
     parser.add_argument("--json", action="store_true", help="print results as JSON lines too")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shards", help=argparse.SUPPRESS)
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"config: {CONFIG_LINE}; every ratio is against the bare fp32 loop timed in the same run")
     with tempfile.TemporaryDirectory() as tmp:
-        shards = make_shards(Path(tmp) / "digits")
+        shards = digits_shards(Path(tmp) / "digits")
         for world in args.world:
             result = launch(args, world, shards)
             report(result)

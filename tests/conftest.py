@@ -12,7 +12,8 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+# tests/ has no __init__.py: pytest puts it on sys.path (rootdir-relative "prepend" import
+# mode), so `from train_utils import ...` works without a path edit here
 
 import torch  # noqa: E402
 

@@ -35,8 +35,7 @@ PRECISIONS = ("fp32", "bf16")
 STEPS, WINDOW = 200, 20
 RTOL = 2e-3  # run to run on one machine kind the curve is bitwise equal; 1% must fail
 
-sys.path.insert(0, str(HERE))
-from train_utils import metrics, run_train, tiny_job  # noqa: E402
+from train_utils import metrics, run_train, tiny_job  # noqa: E402 - tests/ is sys.path[0] (script) or on it (pytest)
 
 
 def train_windows(shards: Path, out: Path, precision: str) -> list[dict[str, float]]:

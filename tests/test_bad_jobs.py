@@ -27,6 +27,7 @@ from iddpm_ds.models.nn import GROUPS
 from iddpm_ds.spec.diffusion import DiffusionSpec
 from iddpm_ds.spec.errors import error_field
 from iddpm_ds.spec.model import NORM_GROUPS, ModelSpec
+from iddpm_ds.testing import tiny_job_dict
 from iddpm_ds_launch.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,16 +36,8 @@ DROP = object()  # marks a key to remove from the base job
 
 def base_job(shards: Path, run_dir: Path) -> dict[str, Any]:
     """A valid job (real shards, so a --check that opens the data still passes them)."""
-    return {
-        "model": {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": [1, 2],
-                  "attention_resolutions": "8", "learn_sigma": True, "class_cond": True,
-                  "num_classes": 10},
-        "diffusion": {"diffusion_steps": 100, "noise_schedule": "cosine"},
-        "data": {"shards": f"{shards}/index.json#train", "num_workers": 0},
-        "train": {"batch_size": 8, "max_steps": 2},
-        "precision": "fp32",
-        "output": {"run_dir": str(run_dir), "tensorboard": False},
-    }
+    return tiny_job_dict(run_dir, shards, **{"data.num_workers": 0, "data.eval_shards": None,
+                                             "train.max_steps": 2})
 
 
 @dataclass(frozen=True)

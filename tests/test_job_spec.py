@@ -11,23 +11,18 @@ from pydantic import ValidationError
 
 from iddpm_ds.spec.errors import describe
 from iddpm_ds.spec.job import JobSpec, load_job, parse_overrides
+from iddpm_ds.testing import tiny_job_dict
 from iddpm_ds.train.ds_config import ConfigError, render_ds_config, resolve_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def job_dict(tmp_path: Path, **sections) -> dict:
-    base = {
-        "model": {"image_size": 32, "num_channels": 32, "num_res_blocks": 1,
-                  "attention_resolutions": "8", "learn_sigma": True},
-        "diffusion": {"diffusion_steps": 100, "noise_schedule": "cosine"},
-        "data": {"shards": str(tmp_path / "missing-{000000..000001}.tar")},
-        "train": {"batch_size": 8},
-        "output": {"run_dir": str(tmp_path / "run")},
-    }
-    for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value}
-    return base
+    """iddpm_ds.testing's tiny job (shards that do not exist: nothing here opens them),
+    `sections` merged field by field: job_dict(tmp_path, train={"batch_size": 12})."""
+    return tiny_job_dict(tmp_path / "run", None, **{f"{section}.{key}": value
+                                                     for section, fields in sections.items()
+                                                     for key, value in fields.items()})
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -8,19 +8,14 @@ from pathlib import Path
 import pytest
 
 from iddpm_ds.spec.job import JobSpec
+from iddpm_ds.testing import tiny_job
 from iddpm_ds.train.registry import Policy, StateRegistry
 from iddpm_ds.train.resume import ResumeError, check_compatible, spec_diff
 from iddpm_ds.train.states import TrainCounters
 
 
 def _job(tmp_path: Path, **train) -> JobSpec:
-    return JobSpec.model_validate({
-        "model": {"image_size": 32, "num_channels": 32, "num_res_blocks": 1,
-                  "attention_resolutions": "8"},
-        "data": {"shards": str(tmp_path / "x-{000000..000001}.tar")},
-        "train": {"batch_size": 8, **train},
-        "output": {"run_dir": str(tmp_path / "run")},
-    })
+    return tiny_job(tmp_path / "run", None, **{f"train.{key}": value for key, value in train.items()})
 
 
 class _NoState:
@@ -60,7 +55,7 @@ def test_resume_logs_changed_fields_with_old_and_new_values(tmp_path, capsys):
     check_compatible(_job(tmp_path, lr=2e-4, log_interval=7), saved)
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if "resume_spec_changed" in line]
     assert lines and lines[0]["fields"] == {
-        "train.lr": {"old": 1e-4, "new": 2e-4}, "train.log_interval": {"old": 10, "new": 7}}
+        "train.lr": {"old": 1e-4, "new": 2e-4}, "train.log_interval": {"old": 5, "new": 7}}
 
 
 def test_resume_refuses_another_model_naming_the_field(tmp_path):

@@ -391,6 +391,7 @@ def test_resume_two_rank_checkpoint_on_three_ranks(two_rank_run):
     _check_ranks(results3, steps3, ref)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_update_matches_reference_without_host_sync():
     """On CUDA, index_put_ with duplicate indices has no defined winner: only the newest H

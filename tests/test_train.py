@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from iddpm_ds.spec.job import load_job
+from iddpm_ds.train.flops import train_flops_per_image
 from train_utils import DEMO_SAVED, DEMO_STEPS, events, metrics, run_train
 
 pytestmark = pytest.mark.slow
@@ -20,6 +22,13 @@ def test_loss_falls_on_demo_data(demo_runs, stage, precision):
     assert last["loss"] < first["loss"]
     assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in logs)
     assert len(logs[-1]["memory_mb_per_rank"]) == 2
+    # utilisation at every log: the job's FLOPs per image, the rate they make at the logged
+    # img/s over 2 ranks, no MFU on CPU (no data-sheet peak), max RSS named as the memory
+    flops = train_flops_per_image(load_job(run_dir / "job.yaml"))
+    for r in logs:
+        assert r["flops_per_image"] == flops and r["mfu"] is None and r["memory_kind"] == "cpu_max_rss"
+        assert r["tflops_per_s_per_rank"] == pytest.approx(flops * r["img_per_s"] / 2 / 1e12)
+        assert all(100 < mb < 64_000 for mb in r["memory_mb_per_rank"]), r["memory_mb_per_rank"]
     assert events(proc, "train_done")[0]["step"] == DEMO_STEPS
     ckpt = run_dir / "checkpoints"
     assert (ckpt / "latest").read_text() == "step0000030"

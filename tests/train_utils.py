@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from iddpm_ds.testing import tiny_job_dict
 from mp_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,30 +18,11 @@ TRAIN = ROOT / "launch" / "train.py"
 
 
 def tiny_job(tmp_path: Path, shards_dir: Path, **overrides) -> Path:
-    """A 16 px, ~0.3M-parameter job on the digits shards; overrides: {"train.lr": 1e-3, ...}."""
-    job = {
-        "model": {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": [1, 2],
-                  "attention_resolutions": "8", "learn_sigma": True, "class_cond": True,
-                  "num_classes": 10},
-        "diffusion": {"diffusion_steps": 100, "noise_schedule": "cosine"},
-        "data": {"shards": f"{shards_dir}/index.json#train", "eval_shards": f"{shards_dir}/index.json#eval",
-                 "num_workers": 1, "shuffle_buffer": 64},
-        "train": {"batch_size": 8, "lr": 2e-3, "warmup_steps": 3, "ema_rate": "0.9,0.5",
-                  "log_interval": 5, "save_interval": 1000, "max_steps": 20,
-                  "schedule_sampler": "loss-second-moment"},
-        "precision": "fp32",
-        "deepspeed": {"zero_stage": 1},
-        "output": {"run_dir": str(tmp_path / "run"), "tensorboard": False},
-    }
-    for dotted, value in overrides.items():
-        if "." not in dotted:  # a top-level field such as precision
-            job[dotted] = value
-            continue
-        section, key = dotted.split(".", 1)
-        job.setdefault(section, {})[key] = value  # e.g. distributed.*, absent by default
+    """iddpm_ds.testing's tiny job as tmp_path/job.yaml, run dir tmp_path/run (what the
+    launchers read); overrides: {"train.lr": 1e-3, "precision": "bf16", ...}."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
+    path.write_text(yaml.safe_dump(tiny_job_dict(tmp_path / "run", shards_dir, **overrides)))
     return path
 
 

@@ -23,6 +23,7 @@ import torch.distributed as torch_dist
 
 from .. import placement
 from ..dist import env, output
+from .flops import peak_flops
 
 
 class LossAccumulator:
@@ -78,6 +79,23 @@ def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def utilisation(flops_per_image: int, img_per_s: float, device: torch.device,
+                precision: str) -> dict[str, Any]:
+    """Model FLOP/s per rank, MFU against the device's data-sheet peak (null without one,
+    e.g. on CPU), and peak memory (collective: every rank's), for one log interval."""
+    achieved = flops_per_image * img_per_s / env.world_size()  # img_per_s is all ranks'
+    peak = peak_flops(device, precision)
+    return {
+        "flops_per_image": flops_per_image,
+        "tflops_per_s_per_rank": achieved / 1e12,
+        "peak_tflops_per_s": peak / 1e12 if peak else None,
+        "mfu": achieved / peak if peak else None,
+        "memory_mb_per_rank": gather_floats(memory_mb(device)),
+        # what memory_mb_per_rank is: a CPU has no allocator peak, its max RSS stands in
+        "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss",
+    }
 
 
 def gather_floats(value: float) -> list[float]:

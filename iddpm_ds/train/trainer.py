@@ -25,7 +25,8 @@ from .engine import EngineModel, build_engine, grad_norm
 from .guard import DIVERGED_EXIT, DivergenceGuard, Diverged, all_finite
 from .loss_scale import LossScale
 from .master import MasterWeights
-from .metrics import LossAccumulator, MetricsWriter, gather_floats, memory_mb
+from .flops import train_flops_per_image
+from .metrics import LossAccumulator, MetricsWriter, utilisation
 from .periodic import evaluate_during_training, write_sample_grid
 from .preempt import PREEMPTED_EXIT, PreemptionWatch
 from .registry import Policy, StateRegistry
@@ -58,6 +59,7 @@ class Trainer:
         self.master = MasterWeights(self.engine)
         self.ema = EMA(self.master, job.train.ema_rate)
         self.device = placement.device()
+        self.flops_per_image = train_flops_per_image(job)  # for the logged MFU; before the seed
         torch.manual_seed(job.train.seed * 100_003 + env.rank())  # per-rank noise and dropout
         self.timestep_sampler = build_schedule_sampler(
             job.train.schedule_sampler, self.diffusion.num_timesteps, device=self.device,
@@ -196,8 +198,8 @@ class Trainer:
             "data_wait_s": self._data_wait / steps,
             "compute_s": (elapsed - self._data_wait) / steps,
             "data_wait_frac": self._data_wait / elapsed,
-            "memory_mb_per_rank": gather_floats(memory_mb(self.device)),
         })
+        record.update(utilisation(self.flops_per_image, record["img_per_s"], self.device, self.job.precision))
         record.update(self.loss_scale.metrics())
         record.update({f"sampler_{k}": float(v) for k, v in self.timestep_sampler.metrics().items()})
         record.update({f"data_{k}": v for k, v in self.data.stats().items()

@@ -1,0 +1,102 @@
+"""Tiny jobs and shards for the tests and the benchmarks: one factory, a few overrides.
+
+It lives in the package (as torch.testing and numpy.testing do) because the tests, the
+benchmarks (python -m bench.x, their torchrun workers) and a GPU machine that only
+installed the carried wheels all import iddpm_ds already; a module elsewhere would need
+a path edit or a second installed package on each of them.
+
+    job = tiny_job(run_dir, shards, **{"precision": "bf16", "train.max_steps": 5})
+    job = tiny_job(run_dir, shards, model=BENCH_MODEL)   # a whole section replaced
+
+An override "section.field" sets one field; an override without a dot replaces that
+top-level entry (a field such as precision, or a whole section).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .spec.job import JobSpec
+
+# 16 px, ~0.3M parameters, class-conditional (the digits shards carry labels)
+TINY_MODEL: dict[str, Any] = {"image_size": 16, "num_channels": 32, "num_res_blocks": 1,
+                              "channel_mult": [1, 2], "attention_resolutions": "8",
+                              "learn_sigma": True, "class_cond": True, "num_classes": 10}
+# the reference's bench config: 32 px, 64 channels, 2 res blocks, attention at 16 and 8
+BENCH_MODEL: dict[str, Any] = {"image_size": 32, "num_channels": 64, "num_res_blocks": 2,
+                               "attention_resolutions": "16,8", "learn_sigma": True, "dropout": 0.1}
+BENCH_DIFFUSION: dict[str, Any] = {"diffusion_steps": 1000, "noise_schedule": "cosine", "learn_sigma": True}
+
+_BASE: dict[str, Any] = {
+    "model": TINY_MODEL,
+    "diffusion": {"diffusion_steps": 100, "noise_schedule": "cosine"},
+    "data": {"num_workers": 1, "shuffle_buffer": 64},
+    "train": {"batch_size": 8, "lr": 2e-3, "warmup_steps": 3, "ema_rate": "0.9,0.5",
+              "log_interval": 5, "save_interval": 1000, "max_steps": 20,
+              "schedule_sampler": "loss-second-moment"},
+    "precision": "fp32",
+    "deepspeed": {"zero_stage": 1},
+    "output": {"tensorboard": False},
+}
+
+
+def tiny_job_dict(run_dir: Path, shards: Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """The tiny job as a plain dict (what a job YAML holds). `shards`: a folder with
+    index.json (train and eval splits); None: a shard pattern that does not exist, for
+    tests that only validate the spec."""
+    job = copy.deepcopy(_BASE)
+    job["output"]["run_dir"] = str(run_dir)
+    if shards is None:
+        job["data"]["shards"] = f"{run_dir}-missing-{{000000..000001}}.tar"
+    else:
+        job["data"].update(shards=f"{shards}/index.json#train", eval_shards=f"{shards}/index.json#eval")
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if key:
+            job.setdefault(section, {})[key] = value  # e.g. distributed.*, absent by default
+        else:
+            job[section] = value
+    return job
+
+
+def tiny_job(run_dir: Path, shards: Path | None = None, **overrides: Any) -> JobSpec:
+    """tiny_job_dict, validated."""
+    return JobSpec.model_validate(tiny_job_dict(run_dir, shards, **overrides))
+
+
+def bench_job(run_dir: Path, shards: Path, **overrides: Any) -> JobSpec:
+    """The benchmarks' job: the bench config, batch 16, nothing logged or saved between
+    steps (a bench times the step, and reads the run's metrics where it logs)."""
+    return tiny_job(run_dir, shards, **{
+        "model": BENCH_MODEL, "diffusion": BENCH_DIFFUSION, "data.eval_shards": None,
+        "data.shuffle_buffer": 256, "train.batch_size": 16, "train.lr": 1e-4,
+        "train.warmup_steps": 0, "train.ema_rate": "0.9999", "train.max_steps": None,
+        "train.log_interval": 10**9, "train.save_interval": 10**9,
+        "train.schedule_sampler": "uniform", "deepspeed.zero_stage": 0, **overrides})
+
+
+def digits_shards(folder: Path, image_size: int = 32) -> Path:
+    """The bundled digits as `iddpm-shards digits` writes them (train + 200 eval), once."""
+    from .data.shards import WriteOptions, digits_items, write_items
+
+    if not (folder / "index.json").is_file():
+        write_items(digits_items(), folder, WriteOptions(shard_size=200, eval_count=200,
+                                                         image_size=image_size, progress=False),
+                    "iddpm_ds.testing")
+    return folder
+
+
+def random_shards(folder: Path, image_size: int, count: int) -> Path:
+    """Random images as pre-sized raw shards (no decode cost, no scikit-learn), labels
+    0..9, an eighth held out as the eval split; written once."""
+    from .data.shards import WriteOptions, array_items, write_items
+
+    if not (folder / "index.json").is_file():
+        images = np.random.default_rng(0).integers(0, 256, (count, image_size, image_size, 3), dtype=np.uint8)
+        write_items(array_items(images, np.arange(count) % 10), folder,
+                    WriteOptions(image_size=image_size, raw=True, eval_count=count // 8,
+                                 progress=False), "iddpm_ds.testing")
+    return folder
