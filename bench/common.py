@@ -25,11 +25,12 @@ CONFIG_LINE = ("32 px, 64 ch, 2 res blocks, attention 16,8, learn_sigma, cosine,
                f"dropout 0.1, batch {BATCH} per rank")
 
 
-def cli(doc: str, threads: int = os.cpu_count() or 1) -> argparse.ArgumentParser:
-    """A benchmark's parser: its docstring as help, --threads, and the hidden --worker flag
-    that run_workers passes to the processes it starts."""
+def cli(doc: str, threads: int | None = os.cpu_count() or 1) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring as help, --threads (unless None), and the hidden
+    --worker flag that run_workers passes to the processes it starts."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=threads, help="CPU threads shared by the ranks")
+    if threads is not None:
+        parser.add_argument("--threads", type=int, default=threads, help="CPU threads shared by the ranks")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser
 
