@@ -1,16 +1,10 @@
 #!/usr/bin/env python
-"""Training-step throughput of the service against a bare loop, with time per phase, and
-(--levers) the speed-lever table. docs/benchmarks.md explains every column.
-
-At each world size one torchrun launch trains the bench job two ways, in alternating timed
-blocks: `bare` (bench.common.Bare: fp32, torch AdamW, batch in memory, uniform t, DDP at
-world > 1) and `service` (Trainer.run's step: streamed shards, the schedule sampler, uniform
-at world 1 and loss-second-moment at world > 1, DeepSpeed, EMA, guard, metrics). A second
-pass times each phase of both, synchronising the device at every phase boundary (here
-only). FLOPs per image, MFU and peak memory are the service's own logged metrics.
---levers runs each lever row (job fields) in a fresh world-1 process, since torch.compile
-caches and autocast state are process-wide; every ratio is against the bare fp32 loop
-timed in that same process.
+"""Training-step throughput of the service against the bare loop (bench.common.Bare) timed
+in the same process, in alternating blocks, then time per phase of both (device synced at
+each phase boundary, here only), at world sizes 1 and 2 (sampler: uniform, then
+loss-second-moment). FLOPs, MFU and peak memory are the service run's own logged metrics.
+--levers: one fresh world-1 process per lever row (compile caches and autocast state are
+process-wide). docs/benchmarks.md explains every column.
 
     python -m bench.train_throughput [--world 1 2] [--steps 4] [--blocks 5] [--precision fp32]
                                      [--zero-stage 0] [--workers 1] [--set train.compile=true]
@@ -135,10 +129,9 @@ def worker(args) -> None:
 
 
 def _slowest_rank(values: list[float], world: int) -> list[float]:
-    if world == 1:
-        return values
     tensor = torch.tensor(values, dtype=torch.float64)
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    if world > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
     return tensor.tolist()
 
 
@@ -169,15 +162,12 @@ def report(res: dict, args) -> None:
           + f"; peak memory {max(logged['memory_mb_per_rank']):.0f} MB per rank ({logged['memory_kind']})")
     if res["phases"]:
         print(f"{'phase (ms per step, device synced at each boundary)':<52} {'bare':>8} {'service':>8}")
+        for name in ("bare", "service"):  # what no phase above covers
+            ms = res["phases"][name]
+            ms["other (not in a phase above)"] = 2 * ms["total"] - sum(ms.values())
         for phase in PHASES + ["other (not in a phase above)", "total"]:
-            cells = [_phase_ms(res["phases"][k], phase) for k in ("bare", "service")]
-            print(f"{phase:<52} " + " ".join(f"{c:8.1f}" if c is not None else f"{'-':>8}" for c in cells))
-
-
-def _phase_ms(phases: dict[str, float], phase: str) -> float | None:
-    if phase.startswith("other"):
-        return 1e3 * (phases["total"] - sum(v for k, v in phases.items() if k != "total"))
-    return 1e3 * phases[phase] if phase in phases else None
+            cells = [res["phases"][k].get(phase) for k in ("bare", "service")]
+            print(f"{phase:<52} " + " ".join(f"{1e3 * c:8.1f}" if c is not None else f"{'-':>8}" for c in cells))
 
 
 def levers(args, shards: Path) -> None:
