@@ -119,12 +119,11 @@ def prepare(tmp: Path, count: int, resolution: int) -> dict[str, tuple[Path, Pat
 def main() -> None:
     parser = cli(__doc__, threads=None)
     parser.add_argument("--images", type=int, default=10_000)
-    parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="passes per reader per row")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    res, batch = args.resolution, args.batch
+    res, batch = 32, args.batch
     with tempfile.TemporaryDirectory() as tmp:
         began = time.perf_counter()
         data = prepare(Path(tmp), args.images, res)

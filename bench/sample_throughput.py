@@ -17,7 +17,7 @@ from bench.common import BENCH_MODEL, cli, result, run_workers
 from iddpm_ds.testing import BENCH_DIFFUSION
 
 PRECISIONS = ("fp32", "bf16", "bf16-mixed")
-TASKS = {"sample": ("ddim50_img_per_s", "DDIM-50 sampling"), "bpd": ("bpd_img_per_s", "bits/dim eval (50 steps)")}
+TASKS = {"ddim50_img_per_s": "DDIM-50 sampling", "bpd_img_per_s": "bits/dim eval (50 steps)"}
 
 
 def worker(args) -> None:
@@ -35,23 +35,20 @@ def worker(args) -> None:
     spec = ModelSpec(**BENCH_MODEL)
     torch.manual_seed(0)
     model = at_precision(build_model(spec).to(device).eval(), args.precision)
-    out = {}
-    if "sample" in args.tasks:
-        ddim = build_diffusion(DiffusionSpec(**BENCH_DIFFUSION, timestep_respacing="ddim50"))
-        opts = SampleOptions(num_samples=args.images, batch_size=args.batch, use_ddim=True, progress=False)
-        sample(model, ddim, spec, SampleOptions(num_samples=min(2, args.batch), batch_size=2,
-                                                use_ddim=True, progress=False), device)  # warm-up
-        out["ddim50_img_per_s"] = sample(model, ddim, spec, opts, device).img_per_s
-    if "bpd" in args.tasks:
-        respaced = build_diffusion(DiffusionSpec(**BENCH_DIFFUSION, timestep_respacing="50"))
-        gen = torch.Generator().manual_seed(rank)
-        mine = [b for b in range(0, args.images, args.batch) if (b // args.batch) % world == rank]
-        batches = [(torch.rand(min(args.batch, args.images - b), 3, 32, 32, generator=gen) * 2 - 1, {})
-                   for b in mine]
-        group.barrier()
-        start = time.perf_counter()
-        bpd = evaluate_bpd(model, respaced, batches, device=device)  # all-reduce at the end
-        out["bpd_img_per_s"] = bpd["num_samples"] / (time.perf_counter() - start)
+    ddim = build_diffusion(DiffusionSpec(**BENCH_DIFFUSION, timestep_respacing="ddim50"))
+    opts = SampleOptions(num_samples=args.images, batch_size=args.batch, use_ddim=True, progress=False)
+    sample(model, ddim, spec, SampleOptions(num_samples=min(2, args.batch), batch_size=2,
+                                            use_ddim=True, progress=False), device)  # warm-up
+    out = {"ddim50_img_per_s": sample(model, ddim, spec, opts, device).img_per_s}
+    respaced = build_diffusion(DiffusionSpec(**BENCH_DIFFUSION, timestep_respacing="50"))
+    gen = torch.Generator().manual_seed(rank)
+    mine = [b for b in range(0, args.images, args.batch) if (b // args.batch) % world == rank]
+    batches = [(torch.rand(min(args.batch, args.images - b), 3, 32, 32, generator=gen) * 2 - 1, {})
+               for b in mine]
+    group.barrier()
+    start = time.perf_counter()
+    bpd = evaluate_bpd(model, respaced, batches, device=device)  # all-reduce at the end
+    out["bpd_img_per_s"] = bpd["num_samples"] / (time.perf_counter() - start)
     if env.is_main():
         result(out)
     group.shutdown()
@@ -63,7 +60,6 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16, help="images per forward pass per rank")
     parser.add_argument("--world", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
-    parser.add_argument("--tasks", nargs="+", default=["sample", "bpd"], choices=["sample", "bpd"])
     parser.add_argument("--precision", default="fp32", help="(worker) this cell's precision")
     args = parser.parse_args()
     if args.worker:
@@ -73,11 +69,11 @@ def main() -> int:
           f"images per cell, batch {args.batch} per rank, {args.threads} threads shared by the ranks")
     print(f"{'task':<26} {'precision':<11} " + " ".join(f"{f'{w} rank(s) img/s':>16}" for w in args.world)
           + "   ratio to fp32 at 1 rank")
-    cell = ["--images", str(args.images), "--batch", str(args.batch), "--tasks", *args.tasks]
+    cell = ["--images", str(args.images), "--batch", str(args.batch)]
     results = {(p, w): run_workers("bench.sample_throughput", w, ["--precision", p, *cell], args.threads, p)
                for p in args.precisions for w in args.world}
     base = results.get(("fp32", args.world[0]))
-    for key, label in (TASKS[task] for task in args.tasks):
+    for key, label in TASKS.items():
         for precision in args.precisions:
             rates = [results[precision, w][key] for w in args.world]
             ratios = [r / base[key] for r in rates] if base else []
