@@ -100,41 +100,32 @@ def _make_samplers(rank: int, batch: int) -> dict:
     return {"reference": reference, "ours": ours}
 
 
-def _time_steps(sampler, batch: int, steps: int, work_s: float = 0.0, warmup: int = 3) -> float:
-    """Seconds per step spent in sample + update (the slowest rank's). With work_s > 0,
-    the host idles that long after each update, as it does while a GPU runs the backward
-    pass; the time slept is not counted."""
-    losses = torch.rand(steps + warmup, batch)  # [S, B]
-    slept = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            dist.barrier()
-            slept, start = 0.0, time.perf_counter()
+def _per_step(step, steps: int, warmup: int = 3) -> float:
+    """Seconds per call of step(i) after `warmup` untimed calls, the slowest rank's, less
+    the seconds each call returns as slept (host-idle time standing in for a backward)."""
+    for i in range(warmup):
+        step(i)
+    dist.barrier()
+    start, slept = time.perf_counter(), 0.0
+    for i in range(warmup, warmup + steps):
+        slept += step(i)
+    elapsed = torch.tensor([time.perf_counter() - start - slept], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return float(elapsed) / steps
+
+
+def _sampler_step(sampler, batch: int, steps: int, work_s: float):
+    losses = torch.rand(steps + 3, batch)  # [S, B]
+
+    def step(i: int) -> float:
         t, _ = sampler.sample(batch)
         sampler.update_with_local_losses(t, losses[i])
-        if work_s and i >= warmup:
-            nap = time.perf_counter()
-            time.sleep(work_s)
-            slept += time.perf_counter() - nap
-    return _slowest(time.perf_counter() - start - slept) / steps
-
-
-def _slowest(seconds: float) -> float:
-    elapsed = torch.tensor([seconds], dtype=torch.float64)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return float(elapsed)
-
-
-def _time_one_gather(batch: int, steps: int) -> float:
-    """Seconds per bare all-gather of our packet size: the latency floor of one collective."""
-    packet = torch.zeros(2 * batch, dtype=torch.int64)
-    out = torch.empty(dist.get_world_size() * packet.numel(), dtype=torch.int64)
-    for i in range(3 + steps):
-        if i == 3:
-            dist.barrier()
-            start = time.perf_counter()
-        dist.all_gather_into_tensor(out, packet)
-    return _slowest(time.perf_counter() - start) / steps
+        if not work_s:
+            return 0.0
+        nap = time.perf_counter()
+        time.sleep(work_s)
+        return time.perf_counter() - nap
+    return step
 
 
 def worker(quick: bool) -> None:
@@ -145,9 +136,11 @@ def worker(quick: bool) -> None:
     np.random.seed(rank)
     for batch in BATCHES:
         samplers, (n, n_work) = _make_samplers(rank, batch), steps(batch, quick)
-        row = [_time_steps(samplers[name], batch, n_steps, work_s)
+        row = [_per_step(_sampler_step(samplers[name], batch, n_steps, work_s), n_steps)
                for work_s, n_steps in ((0.0, n), (WORK_S, n_work)) for name in ("reference", "ours")]
-        rows.append([world, batch, *row, _time_one_gather(batch, n) if world > 1 else 0.0])
+        packet, out = torch.zeros(2 * batch, dtype=torch.int64), torch.empty(2 * batch * world, dtype=torch.int64)
+        gather = (lambda i: dist.all_gather_into_tensor(out, packet) or 0.0)  # the floor: one bare collective
+        rows.append([world, batch, *row, _per_step(gather, n) if world > 1 else 0.0])
     if rank == 0:
         result({"rows": rows})
     dist.barrier()
