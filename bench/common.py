@@ -1,9 +1,9 @@
-"""Shared pieces of the benchmarks: the bench job (iddpm_ds.testing.bench_job: the
-reference's 32 px, 64 ch, 2 res blocks, attention 16,8, learn_sigma, cosine, T=1000,
-dropout 0.1, batch 16 per rank), the bare loop every training ratio is taken against,
-interleaved timing, per-phase clocks, and torchrun workers."""
+"""Shared pieces of the benchmarks: the CLI, the bare loop every training ratio is taken
+against, alternating paired timing, per-phase clocks, and torchrun workers. The bench job is
+iddpm_ds.testing.bench_job (the reference's 32 px, 64 ch config, batch 16 per rank)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -25,11 +25,20 @@ CONFIG_LINE = ("32 px, 64 ch, 2 res blocks, attention 16,8, learn_sigma, cosine,
                f"dropout 0.1, batch {BATCH} per rank")
 
 
+def cli(doc: str, threads: int | None = os.cpu_count() or 1) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring as help, --threads (unless None), and the hidden
+    --worker flag that run_workers passes to the processes it starts."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if threads is not None:
+        parser.add_argument("--threads", type=int, default=threads, help="CPU threads shared by the ranks")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
 class Bare:
     """The baseline: what a hand-written loop does, nothing more. fp32 model,
     GaussianDiffusion.training_losses, torch AdamW with its defaults, the batch already in
-    memory, uniform t. With world size > 1 it is wrapped in torch DDP (gradient all-reduce
-    overlapped with backward), the standard hand-written multi-GPU loop."""
+    memory, uniform t; torch DDP (all-reduce overlapped with backward) at world size > 1."""
 
     def __init__(self, job, device: torch.device, world_size: int = 1) -> None:
         from iddpm_ds import build_diffusion, build_model
@@ -42,13 +51,6 @@ class Bare:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.x = torch.rand(BATCH, 3, 32, 32, device=device) * 2 - 1  # [N, C, H, W]
         self.device = device
-
-    def step(self) -> None:
-        t = torch.randint(0, self.diffusion.num_timesteps, (BATCH,), device=self.device)
-        losses = self.diffusion.training_losses(self.model, self.x, t)
-        losses["loss"].mean().backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
 
 
 def sync(device: torch.device) -> None:
@@ -66,14 +68,15 @@ def timed(step: Callable[[], None], n: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / n
 
 
-def interleaved(steps: dict[str, Callable[[], None]], blocks: int, per_block: int,
-                device: torch.device, barrier: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
-    """Seconds per step of each loop, in alternating blocks so machine noise hits all alike."""
-    out: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(blocks):
-        for name, step in steps.items():
+def alternate(runs: dict[str, Callable[[], float]], blocks: int,
+              barrier: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Each run's measurement (seconds) once per block, the order reversed every other
+    block, so machine noise and drift hit every run alike."""
+    out: dict[str, list[float]] = {name: [] for name in runs}
+    for block in range(blocks):
+        for name in (list(runs) if block % 2 == 0 else list(runs)[::-1]):
             barrier()
-            out[name].append(timed(step, per_block, device))
+            out[name].append(runs[name]())
     return out
 
 
@@ -88,9 +91,8 @@ class PhaseClock:
     the trainer's per-step path never synchronises). Wraps callables in place."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
+        self.device, self.enabled = device, False
         self.seconds: dict[str, float] = defaultdict(float)
-        self.enabled = False
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -114,9 +116,6 @@ class PhaseClock:
 
         setattr(owner, attr, wrapped)
 
-    def reset(self) -> None:
-        self.seconds.clear()
-
 
 def run_workers(module: str, world: int, worker_args: list[str], threads: int, what: str) -> dict:
     """`python -m module --worker ...` as `world` torchrun processes sharing `threads` CPU
@@ -130,3 +129,8 @@ def run_workers(module: str, world: int, worker_args: list[str], threads: int, w
             return json.loads(line[len("RESULT "):])
     raise SystemExit(f"{what} at world size {world} failed ({proc.returncode}):\n"
                      f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
+def result(payload: dict) -> None:
+    """What a worker hands back to run_workers (rank 0 only)."""
+    print("RESULT " + json.dumps(payload), flush=True)

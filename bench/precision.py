@@ -1,33 +1,17 @@
-"""Precision modes, each against fp32 measured in the same run.
+"""Precision modes, each against fp32 measured in the same run (docs/benchmarks.md).
 
     python -m bench.precision digits [--steps 500] [--modes fp32 bf16 bf16-mixed] [--demo-objective]
     python -m bench.precision error       # seconds: model-output error of each precision
     python -m bench.precision learning    # minutes: 300 steps fp16 vs fp32
 
-digits: launch/train.py on launch/jobs/digits.yaml with only `precision` changed (same
-seed, data order, steps, lr schedule, EMA), so the rows differ in numerics and speed alone:
-fp32; bf16 (whole module cast, fp32 masters in DeepSpeed's optimizer); bf16-mixed (fp32
-weights, matmuls/convolutions autocast to bf16). The demo job trains x_0 with fixed
-variances, whose 50-step bound is dominated by the variance mismatch (~17 bits/dim
-whatever the precision); by default the rows train the paper's L_hybrid (learned
-variances, eps prediction), whose bound precision can move. img/s is the median of the
-run's logged intervals after the first; bits/dim is the EMA model's (first EMA rate).
-
-error: one UNet (iddpm_ds.testing.TINY_MODEL, every weight drawn at random so that no
-zero-initialised layer hides an error), one fixed batch; fp32's output is the reference:
-fp16 (whole cast, what model.half() does); fp16 (fp32 regions: timestep MLP, embedding
-projections, GroupNorm and output head in fp32, this project's fp16 and the reference's);
-bf16 (the same regions); bf16-mixed (fp32 weights, torso autocast to bf16). CPU half
-kernels run them here; a GPU's round the same way to within accumulation order.
-
-learning: the tiny job (iddpm_ds.testing: 16 px, batch 8, T=100, cosine, L_hybrid, lr
-2e-3, seed 0) trained 300 steps in fp32 and in fp16 through the CPU fp16 seam
-(IDDPM_CPU_FP16=1: DeepSpeed's real fp16 engine, dynamic loss scale from 2^20), same seed
-and data order; the mean loss of each 100-step window and the fp16/fp32 ratio.
+digits: launch/train.py on launch/jobs/digits.yaml with only `precision` changed, trained
+with L_hybrid unless --demo-objective; img/s is the median logged interval after the first,
+bits/dim the EMA model's. error: the tiny UNet with random weights, one batch, each
+precision's output against fp32's. learning: the tiny job 300 steps in fp32 and in fp16
+through the CPU fp16 seam (IDDPM_CPU_FP16=1), mean loss per 100-step window.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -39,18 +23,16 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench.common import ROOT, cli
 from iddpm_ds.testing import TINY_MODEL, digits_shards, tiny_job_dict
 
-ROOT = Path(__file__).resolve().parents[1]
 HYBRID = ["model.learn_sigma=true", "diffusion.predict_xstart=false"]
 
 
 def train(job: Path, run_dir: Path, sets: list[str], fp16_seam: bool = False) -> list[dict]:
     """launch/train.py on `job` with `sets`; the run's logged metrics records."""
-    cmd = [sys.executable, str(ROOT / "launch/train.py"), "--job", str(job)]
-    for item in sets:
-        cmd += ["--set", item]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", **({"IDDPM_CPU_FP16": "1"} if fp16_seam else {})}
+    cmd = [sys.executable, str(ROOT / "launch/train.py"), "--job", str(job), *(w for s in sets for w in ("--set", s))]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", "IDDPM_CPU_FP16": "1" if fp16_seam else ""}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{job} {sets}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
@@ -139,7 +121,7 @@ def learning_table(steps: int) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli(__doc__, threads=None)
     parser.add_argument("table", choices=["digits", "error", "learning"])
     parser.add_argument("--steps", type=int, default=None, help="digits: 500, learning: 300")
     parser.add_argument("--modes", nargs="+", default=["fp32", "bf16", "bf16-mixed"])

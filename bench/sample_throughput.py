@@ -1,33 +1,23 @@
 #!/usr/bin/env python
-"""Sampling and evaluation throughput: DDIM-50 img/s and bits/dim-eval img/s, split over 1
-and 2 ranks, in fp32, bf16 and bf16-mixed.
-
-The bench config's model (iddpm_ds.testing.BENCH_MODEL; weights as initialised, which does not change
-the work) runs through the package's own entry points, as iddpm-sample and iddpm-evaluate
-call them: image_sampler.sample (DDIM, 50 respaced steps, eta 0, per-image noise) and
-bpd.evaluate_bpd (calc_bpd_loop over a 50-step respacing, the trainer's default
-eval_respacing; the full T=1000 bound costs 20x as much per image). Every cell is one
-launch of that many processes sharing --threads CPU threads; the ratios are against fp32
-at 1 rank in the same run. Images are split over ranks by batch, so 2 ranks on the same
-cores measure the split's overhead, and on 2 GPUs would double the rate.
+"""Sampling and evaluation throughput (docs/benchmarks.md): DDIM-50 img/s and bits/dim-eval
+img/s of the bench model through the package's own entry points (image_sampler.sample,
+bpd.evaluate_bpd over a 50-step respacing), split over 1 and 2 ranks sharing --threads CPU
+threads, in fp32, bf16 and bf16-mixed; ratios against fp32 at 1 rank in the same run.
 
     python -m bench.sample_throughput [--images 32] [--batch 16] [--world 1 2]
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
 
 import torch
 
-from bench.common import BENCH_MODEL, run_workers
+from bench.common import BENCH_MODEL, cli, result, run_workers
 from iddpm_ds.testing import BENCH_DIFFUSION
 
 PRECISIONS = ("fp32", "bf16", "bf16-mixed")
-TASKS = {"sample": ("ddim50_img_per_s", "DDIM-50 sampling"), "bpd": ("bpd_img_per_s", "bits/dim eval (50 steps)")}
+TASKS = {"ddim50_img_per_s": "DDIM-50 sampling", "bpd_img_per_s": "bits/dim eval (50 steps)"}
 
 
 def worker(args) -> None:
@@ -45,57 +35,45 @@ def worker(args) -> None:
     spec = ModelSpec(**BENCH_MODEL)
     torch.manual_seed(0)
     model = at_precision(build_model(spec).to(device).eval(), args.precision)
-    out = {}
-    if "sample" in args.tasks:
-        ddim = build_diffusion(DiffusionSpec(**BENCH_DIFFUSION, timestep_respacing="ddim50"))
-        opts = SampleOptions(num_samples=args.images, batch_size=args.batch, use_ddim=True, progress=False)
-        sample(model, ddim, spec, SampleOptions(num_samples=min(2, args.batch), batch_size=2,
-                                                use_ddim=True, progress=False), device)  # warm-up
-        out["ddim50_img_per_s"] = sample(model, ddim, spec, opts, device).img_per_s
-    if "bpd" in args.tasks:
-        respaced = build_diffusion(DiffusionSpec(**BENCH_DIFFUSION, timestep_respacing="50"))
-        gen = torch.Generator().manual_seed(rank)
-        mine = [b for b in range(0, args.images, args.batch) if (b // args.batch) % world == rank]
-        batches = [(torch.rand(min(args.batch, args.images - b), 3, 32, 32, generator=gen) * 2 - 1, {})
-                   for b in mine]
-        group.barrier()
-        start = time.perf_counter()
-        result = evaluate_bpd(model, respaced, batches, device=device)  # all-reduce at the end
-        out["bpd_img_per_s"] = result["num_samples"] / (time.perf_counter() - start)
+    ddim = build_diffusion(DiffusionSpec(**BENCH_DIFFUSION, timestep_respacing="ddim50"))
+    opts = SampleOptions(num_samples=args.images, batch_size=args.batch, use_ddim=True, progress=False)
+    sample(model, ddim, spec, SampleOptions(num_samples=min(2, args.batch), batch_size=2,
+                                            use_ddim=True, progress=False), device)  # warm-up
+    out = {"ddim50_img_per_s": sample(model, ddim, spec, opts, device).img_per_s}
+    respaced = build_diffusion(DiffusionSpec(**BENCH_DIFFUSION, timestep_respacing="50"))
+    gen = torch.Generator().manual_seed(rank)
+    mine = [b for b in range(0, args.images, args.batch) if (b // args.batch) % world == rank]
+    batches = [(torch.rand(min(args.batch, args.images - b), 3, 32, 32, generator=gen) * 2 - 1, {})
+               for b in mine]
+    group.barrier()
+    start = time.perf_counter()
+    bpd = evaluate_bpd(model, respaced, batches, device=device)  # all-reduce at the end
+    out["bpd_img_per_s"] = bpd["num_samples"] / (time.perf_counter() - start)
     if env.is_main():
-        print("RESULT " + json.dumps(out), flush=True)
+        result(out)
     group.shutdown()
 
 
-def launch(args, world: int, precision: str) -> dict:
-    return run_workers("bench.sample_throughput", world, ["--precision", precision, "--images", str(args.images),
-                                         "--batch", str(args.batch), "--tasks", *args.tasks],
-                       args.threads, precision)
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli(__doc__)
     parser.add_argument("--images", type=int, default=32, help="images per cell, over all ranks")
     parser.add_argument("--batch", type=int, default=16, help="images per forward pass per rank")
     parser.add_argument("--world", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
-    parser.add_argument("--tasks", nargs="+", default=["sample", "bpd"], choices=["sample", "bpd"])
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="CPU threads shared by the ranks")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help="(worker) this cell's precision")
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return 0
     print(f"bench model (32 px, 64 ch, 2 res blocks, attention 16,8, learn_sigma); {args.images} "
           f"images per cell, batch {args.batch} per rank, {args.threads} threads shared by the ranks")
-    keys = [TASKS[task] for task in args.tasks]
     print(f"{'task':<26} {'precision':<11} " + " ".join(f"{f'{w} rank(s) img/s':>16}" for w in args.world)
           + "   ratio to fp32 at 1 rank")
-    results = {(p, w): launch(args, w, p) for p in args.precisions for w in args.world}
+    cell = ["--images", str(args.images), "--batch", str(args.batch)]
+    results = {(p, w): run_workers("bench.sample_throughput", w, ["--precision", p, *cell], args.threads, p)
+               for p in args.precisions for w in args.world}
     base = results.get(("fp32", args.world[0]))
-    for key, label in keys:
+    for key, label in TASKS.items():
         for precision in args.precisions:
             rates = [results[precision, w][key] for w in args.world]
             ratios = [r / base[key] for r in rates] if base else []

@@ -1,47 +1,43 @@
 """Overhead of the loss-aware timestep sampler per training step: ours vs the reference's.
 
-Times one `sample(B)` + `update_with_local_losses(t, losses)` per step, in real spawned
-processes joined by gloo, at world size 1, 2 and 4 and local batch 16 and 256, for
-(a) a faithful re-implementation of the reference algorithm (three all_gathers: batch
-sizes, then timesteps, then losses padded to the largest batch; `.item()` on every
-gathered element; a per-element Python history update on a numpy shift buffer; numpy
-global-state sampling) and (b) iddpm_ds's LossSecondMomentResampler (one all-gather of a
-fixed-size buffer, vectorised device-side update). Both are warmed up (full histories),
-so sampling is non-uniform. Time per step is the slowest rank's. Three views, printed
-with their ratios: back to back (update, then sample at once: every collective's latency
-is on the clock); with host-idle work between update and the next sample, as in training
-where the backward pass runs there (iddpm_ds's all-gather is asynchronous and overlaps
-it, the reference's three are blocking); and compute only, one process consuming what
-the gathers would have returned.
+Times one `sample(B)` + `update_with_local_losses(t, losses)` per step in torchrun ranks
+joined by gloo (world 1, 2, 4; batch 16, 256), for a faithful re-implementation of the
+reference (three blocking all_gathers, `.item()` per element, a Python history update) and
+iddpm_ds's LossSecondMomentResampler (one asynchronous all-gather, vectorised update), both
+warmed up. Time per step is the slowest rank's; three views with their ratios: back to back,
+with host-idle work between steps (as a GPU backward gives), and compute only (one process).
+docs/timestep_sampler.md explains each.
 
     python -m bench.sampler_overhead            # full run (about a minute on 2 cores)
     python -m bench.sampler_overhead --quick    # smoke run
 """
 from __future__ import annotations
 
-import argparse
-import socket
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from bench.common import cli, result, run_workers
 from iddpm_ds.diffusion.timestep_sampler import LossSecondMomentResampler
 
-T, H, UNIFORM_PROB = 1000, 10, 0.001
+T, H, UNIFORM_PROB, BATCHES = 1000, 10, 0.001, (16, 256)
 # Host-idle time per step standing in for a GPU backward pass (a real UNet backward at
-# these batch sizes takes longer), and the steps timed with it.
+# these batch sizes takes longer).
 WORK_S = 0.02
+
+
+def steps(batch: int, quick: bool) -> tuple[int, int]:
+    """Timed steps per batch size: back to back, and with work between steps."""
+    return {16: (20, 5), 256: (5, 2)}[batch] if quick else {16: (200, 50), 256: (50, 25)}[batch]
 
 
 class ReferenceLossSecondMoment:
     """The reference algorithm as it runs in improved-diffusion (minus its np.int crash)."""
 
     def __init__(self, num_timesteps: int, history_per_term: int, uniform_prob: float) -> None:
-        self.history_per_term = history_per_term
-        self.uniform_prob = uniform_prob
+        self.history_per_term, self.uniform_prob = history_per_term, uniform_prob
         self._loss_history = np.zeros([num_timesteps, history_per_term], dtype=np.float64)
         self._loss_counts = np.zeros([num_timesteps], dtype=np.int64)
 
@@ -91,13 +87,8 @@ class ReferenceLossSecondMoment:
                 self._loss_counts[t] += 1
 
 
-def _warm_history() -> np.ndarray:
-    rng = np.random.default_rng(0)  # same on every rank: the state is global
-    return np.exp(rng.normal(size=(T, H)))
-
-
 def _make_samplers(rank: int, batch: int) -> dict:
-    history = _warm_history()
+    history = np.exp(np.random.default_rng(0).normal(size=(T, H)))  # same on every rank: global state
     reference = ReferenceLossSecondMoment(T, H, UNIFORM_PROB)
     reference._loss_history[:] = history
     reference._loss_counts[:] = H
@@ -109,66 +100,51 @@ def _make_samplers(rank: int, batch: int) -> dict:
     return {"reference": reference, "ours": ours}
 
 
-def _time_steps(sampler, batch: int, steps: int, warmup: int, work_s: float = 0.0) -> float:
-    """Seconds per step spent in sample + update (the slowest rank's). With work_s > 0,
-    the host idles that long after each update, as it does while a GPU runs the backward
-    pass; the time actually slept is not counted."""
-    losses = torch.rand(steps + warmup, batch)  # [S, B]
+def _per_step(step, steps: int, warmup: int = 3) -> float:
+    """Seconds per call of step(i) after `warmup` untimed calls, the slowest rank's, less
+    the seconds each call returns as slept (host-idle time standing in for a backward)."""
     for i in range(warmup):
-        t, _ = sampler.sample(batch)
-        sampler.update_with_local_losses(t, losses[i])
+        step(i)
     dist.barrier()
-    slept = 0.0
-    start = time.perf_counter()
+    start, slept = time.perf_counter(), 0.0
     for i in range(warmup, warmup + steps):
+        slept += step(i)
+    elapsed = torch.tensor([time.perf_counter() - start - slept], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return float(elapsed) / steps
+
+
+def _sampler_step(sampler, batch: int, steps: int, work_s: float):
+    losses = torch.rand(steps + 3, batch)  # [S, B]
+
+    def step(i: int) -> float:
         t, _ = sampler.sample(batch)
         sampler.update_with_local_losses(t, losses[i])
-        if work_s:
-            nap = time.perf_counter()
-            time.sleep(work_s)
-            slept += time.perf_counter() - nap
-    return _slowest(time.perf_counter() - start - slept) / steps
+        if not work_s:
+            return 0.0
+        nap = time.perf_counter()
+        time.sleep(work_s)
+        return time.perf_counter() - nap
+    return step
 
 
-def _slowest(seconds: float) -> float:
-    elapsed = torch.tensor([seconds], dtype=torch.float64)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return float(elapsed)
-
-
-def _time_one_gather(batch: int, steps: int) -> float:
-    """Seconds per bare all-gather of our packet size: the latency floor of one collective."""
-    world = dist.get_world_size()
-    packet = torch.zeros(2 * batch, dtype=torch.int64)
-    out = torch.empty(world * packet.numel(), dtype=torch.int64)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    for _ in range(3):
-        gather(out, packet)
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(steps):
-        gather(out, packet)
-    return _slowest(time.perf_counter() - start) / steps
-
-
-def _worker(rank: int, world: int, port: int, batches: list, steps: dict, work_steps: dict,
-            queue) -> None:
+def worker(quick: bool) -> None:
+    """One torchrun rank (gloo, one thread): each batch size's row, printed by rank 0."""
     torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world, rows = dist.get_rank(), dist.get_world_size(), []
     np.random.seed(rank)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
-        for batch in batches:
-            samplers = _make_samplers(rank, batch)
-            row = [_time_steps(samplers[name], batch, n, warmup=3, work_s=work_s)
-                   for work_s, n in ((0.0, steps[batch]), (WORK_S, work_steps[batch]))
-                   for name in ("reference", "ours")]
-            gather = _time_one_gather(batch, steps[batch]) if world > 1 else 0.0
-            if rank == 0:
-                queue.put((world, batch, *row, gather))
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+    for batch in BATCHES:
+        samplers, (n, n_work) = _make_samplers(rank, batch), steps(batch, quick)
+        row = [_per_step(_sampler_step(samplers[name], batch, n_steps, work_s), n_steps)
+               for work_s, n_steps in ((0.0, n), (WORK_S, n_work)) for name in ("reference", "ours")]
+        packet, out = torch.zeros(2 * batch, dtype=torch.int64), torch.empty(2 * batch * world, dtype=torch.int64)
+        gather = (lambda i: dist.all_gather_into_tensor(out, packet) or 0.0)  # the floor: one bare collective
+        rows.append([world, batch, *row, _per_step(gather, n) if world > 1 else 0.0])
+    if rank == 0:
+        result({"rows": rows})
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _compute_only(world: int, batch: int, steps: int) -> tuple[float, float]:
@@ -190,54 +166,31 @@ def _compute_only(world: int, batch: int, steps: int) -> tuple[float, float]:
     return ref_seconds, (time.perf_counter() - start) / steps
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run_processes(worlds: list, batches: list, steps: dict, work_steps: dict) -> list:
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    rows = []
-    for world in worlds:
-        mp.start_processes(_worker, args=(world, _free_port(), batches, steps, work_steps, queue),
-                           nprocs=world, join=True, start_method="spawn")
-        while not queue.empty():
-            rows.append(queue.get())
-    return rows
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli(__doc__)
     parser.add_argument("--quick", action="store_true", help="few steps, smoke test only")
     parser.add_argument("--worlds", default="1,2,4", help="comma-separated world sizes")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    worlds, batches = [int(w) for w in args.worlds.split(",")], [16, 256]
-    steps = {16: 20, 256: 5} if args.quick else {16: 200, 256: 50}
-    work_steps = {16: 5, 256: 2} if args.quick else {16: 50, 256: 25}
-    rows = _run_processes(worlds, batches, steps, work_steps)
+    if args.worker:
+        return worker(args.quick)
+    worlds = [int(w) for w in args.worlds.split(",")]
+    quick = ["--quick"] if args.quick else []
+    rows = [row for w in worlds for row in run_workers("bench.sampler_overhead", w, quick, w, "sampler")["rows"]]
     print(f"loss-aware sampler overhead per step (sample + update), T={T}, history={H}, "
-          f"gloo, CPU, {torch.get_num_threads()} thread per rank")
-    print(f"{'world':>5} {'batch':>5} {'reference ms':>13} {'iddpm_ds ms':>12} {'ratio':>7}"
-          f" {'1 all-gather ms':>16}")
+          "gloo, CPU, 1 thread per rank")
+    print(f"{'world':>5} {'batch':>5} {'reference ms':>13} {'iddpm_ds ms':>12} {'ratio':>7} {'1 all-gather ms':>16}")
     for world, batch, ref, ours, _, _, gather in rows:
-        print(f"{world:>5} {batch:>5} {ref * 1e3:>13.3f} {ours * 1e3:>12.3f} {ref / ours:>6.1f}x"
-              f" {gather * 1e3:>16.3f}")
-    print(f"same, with {WORK_S * 1e3:.0f} ms of host-idle work (a GPU backward) after each "
-          "update, not counted:")
+        print(f"{world:>5} {batch:>5} {ref * 1e3:>13.3f} {ours * 1e3:>12.3f} {ref / ours:>6.1f}x {gather * 1e3:>16.3f}")
+    print(f"same, with {WORK_S * 1e3:.0f} ms of host-idle work (a GPU backward) after each update, not counted:")
     for world, batch, _, _, ref, ours, _ in rows:
         print(f"{world:>5} {batch:>5} {ref * 1e3:>13.3f} {ours * 1e3:>12.3f} {ref / ours:>6.1f}x")
     print("same, without communication (one process consuming what the gathers return):")
+    torch.set_num_threads(1)
     for world in worlds:
-        for batch in batches:
-            ref, ours = _compute_only(world, batch, steps[batch])
-            print(f"{world:>5} {batch:>5} {ref * 1e3:>13.3f} {ours * 1e3:>12.3f} "
-                  f"{ref / ours:>6.1f}x")
-    target = [r for r in rows if r[:2] == (4, 256)]
-    if target:
-        _, _, ref, ours, ref_work, ours_work, _ = target[0]
+        for batch in BATCHES:
+            ref, ours = _compute_only(world, batch, steps(batch, args.quick)[0])
+            print(f"{world:>5} {batch:>5} {ref * 1e3:>13.3f} {ours * 1e3:>12.3f} {ref / ours:>6.1f}x")
+    for _, _, ref, ours, ref_work, ours_work, _ in (r for r in rows if r[:2] == [4, 256]):
         print(f"batch 256, world 4: {ref / ours:.1f}x less overhead back to back, "
               f"{ref_work / ours_work:.1f}x with work between steps (target >= 10x)")
 
