@@ -34,6 +34,11 @@ def digits_shards(tmp_path_factory) -> Path:
     return out
 
 
+# the namespace hosts, defined once here: a fixture imported into two test files is two
+# fixtures, and the session would build the harness twice
+from hosts_harness import hosts  # noqa: E402,F401
+
+
 @pytest.fixture(scope="session")
 def demo_runs(tmp_path_factory, digits_shards):
     """Shared 2-rank demo runs by (ZeRO stage, precision): train_utils.DemoRuns."""

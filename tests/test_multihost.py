@@ -26,7 +26,7 @@ import psutil
 import pytest
 import torch
 
-from hosts_harness import (IFACE, PROBE, Hosts, assert_each_sample_once_per_epoch, hosts,  # noqa: F401
+from hosts_harness import (IFACE, PROBE, Hosts, assert_each_sample_once_per_epoch,
                            id_job, probe_batches)
 from test_data_helpers import id_shards
 from train_utils import ROOT, TRAIN, metrics

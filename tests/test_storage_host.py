@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hosts_harness import Hosts, assert_each_sample_once_per_epoch, hosts  # noqa: F401
+from hosts_harness import Hosts, assert_each_sample_once_per_epoch
 from storage_harness import NAME, PORT, STALL_PORT, Storage, require_nginx
 from test_data_helpers import id_shards
 from test_multihost import BATCH, SAMPLES, Run, assert_equal, events, saved_state
