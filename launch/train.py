@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-EXIT_BAD_JOB = 2
+from iddpm_ds.exits import BAD_JOB as EXIT_BAD_JOB
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

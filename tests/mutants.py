@@ -158,6 +158,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "self.clock() - self.since >= self.minutes * 60.0",
            "self.clock() - self.since >= self.minutes * 600.0",
            ("tests/test_checkpointer.py::test_schedule_saves_on_steps_and_on_time_at_check_steps_only",)),
+    Mutant("elastic-no-restart-on-bad-job", "elastic restarts: 2/3/5/75 never restarted",
+           "iddpm_ds/exits.py",
+           "return exitcode != DONE and exitcode not in NEVER_RESTARTED",
+           "return exitcode != DONE",
+           ("tests/test_elastic.py::test_a_bad_job_under_the_elastic_agent_exits_2_once",)),
 )
 
 PYTEST = ("-q", "-x", "-rf", "-p", "no:cacheprovider", "-o", "addopts=", "--no-header")

@@ -14,12 +14,13 @@ from typing import Optional
 
 import torch.distributed as torch_dist
 
+from .. import exits
 from ..build_locks import StaleBuildLock
 from . import state
 from .env import rank
 
-EXIT_BAD_SETUP = 2          # this machine's set-up (stale build lock, too few GPUs): one line
-COLLECTIVE_FAILED_EXIT = 4  # a collective timed out or lost a rank: one line per rank left
+EXIT_BAD_SETUP = exits.BAD_JOB  # this machine's set-up (stale build lock, too few GPUs)
+COLLECTIVE_FAILED_EXIT = exits.COLLECTIVE_FAILED
 
 _REPO = Path(__file__).resolve().parents[2]
 _PACKAGE = str(Path(__file__).resolve().parent) + os.sep  # dist/ is never "where" it failed

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
-from .. import placement
+from .. import exits, placement
 from ..dist import env
 
-DIVERGED_EXIT = 3  # documented in README and launch/train.py
+DIVERGED_EXIT = exits.DIVERGED
 
 
 class Diverged(RuntimeError):

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 
+from .. import exits
 from ..dist import env, group, output
 
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later", i.e. requeue and resume
+PREEMPTED_EXIT = exits.PREEMPTED
 
 
 class PreemptionWatch:

@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import exits
 from ..dist import env, group, output
 from . import checkpoint as ckpt
 from .registry import Policy, StateRegistry
 
 TRAINER_STATE = "trainer_state.pt"
-CHECKPOINT_WRITE_FAILED_EXIT = 5  # launch/train.py's exit status for CheckpointWriteError
+CHECKPOINT_WRITE_FAILED_EXIT = exits.CHECKPOINT_WRITE_FAILED
 
 
 class CheckpointWriteError(RuntimeError):
