@@ -20,6 +20,14 @@ log file (`%n`), as Debian's slurmd supports several nodes on one machine.
 Settings from shared/notes/cluster_on_one_machine.md: cred_expire=10 and sched_interval=2
 make a requeued job start after ~11 s instead of ~3 minutes; jobs are polled with
 `squeue` (sbatch --wait rechecks only after 2, 8, 32 s).
+
+Dead nodes (two nodes only, `kill_node`/`revive_node`): slurmctld declares a silent node
+DOWN, and ends (or requeues) its jobs with NODE_FAIL, only after two failed pings: each
+ping retries a refused connect once a second for MessageTimeout (at most 10) seconds, and a
+node is DOWN at the first ping round that starts SlurmdTimeout after the previous one saw
+it alive. Defaults (300 s, 10 s): ~5 minutes. SlurmdTimeout=5 and MessageTimeout=5 here:
+DOWN 15-17 s after the kill (measured; 24 s with MessageTimeout=10). Both are far above a
+healthy slurmd's reply time on this machine, even under the test suite's load.
 """
 from __future__ import annotations
 
@@ -80,6 +88,7 @@ JobCompLoc={state}/log/jobcomp.txt
 MailProg={true}
 KillWait=5
 MinJobAge=600
+{node_timeouts}
 InactiveLimit=0
 SchedulerParameters=sched_interval=2,bf_interval=2,batch_sched_delay=0,sched_min_interval=0
 StateSaveLocation={state}/ctld
@@ -92,6 +101,8 @@ SlurmdLogFile={state}/log/slurmd{per_node}.log
 PartitionName=debug Nodes={node_names} Default=YES MaxTime=INFINITE State=UP
 """
 NODE_LINE = "NodeName={name} NodeAddr={addr} CPUs={cpus} State=UNKNOWN"
+DEAD_NODE_TIMEOUTS = "SlurmdTimeout=5\nMessageTimeout=5"
+"""Two nodes: a killed node is DOWN (its jobs NODE_FAIL) ~15 s later (module docstring)."""
 
 
 class SlurmCluster:
@@ -126,22 +137,55 @@ class SlurmCluster:
         self._start_munged()
         self.conf.write_text(self._conf())
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c", "-i", "-f", str(self.conf)], self.head)
-        for number, (name, _addr) in enumerate(self.nodes):
-            host = None if self.hosts is None else self.hosts.hosts[number]
-            label = "slurmd" if self.hosts is None else f"slurmd-{name}"
-            self._spawn(label, [_which("slurmd"), "-D", "-N", name, "-f", str(self.conf)], host)
+        for name, _addr in self.nodes:
+            self._start_slurmd(name)
         self._wait_idle(timeout=60)
         return self
+
+    def _start_slurmd(self, name: str) -> None:
+        host = None if self.hosts is None else self._host(name)
+        label = "slurmd" if self.hosts is None else f"slurmd-{name}"
+        self._spawn(label, [_which("slurmd"), "-D", "-N", name, "-f", str(self.conf)], host)
+
+    def _host(self, name: str) -> "Host":
+        return next(h for h in self.hosts.hosts if h.name == name)
+
+    # ------------------------------------------------------------- dead nodes
+    def kill_node(self, name: str) -> float:
+        """Node `name` dies (two nodes only): SIGKILL every process on its host -- its
+        slurmd, the jobs' slurmstepd and tasks -- so its sockets close and nothing answers
+        slurmctld's pings any more (the harness's own sshd, which Slurm never uses, stays).
+        Returns time.time() of the kill."""
+        proc = self.procs[f"slurmd-{name}"]
+        killed_at = time.time()
+        self.hosts.kill_all(self._host(name).netns, keep_sshd=True)
+        proc.wait(timeout=10)
+        return killed_at
+
+    def revive_node(self, name: str, timeout: float = 60) -> None:
+        """Start a killed node's slurmd again and wait until both nodes are idle. A node
+        slurmctld set DOWN for not responding comes back when it registers
+        (ReturnToService=2); `state=resume` covers a node still marked down."""
+        self._start_slurmd(name)
+        self._wait(lambda: self._node_state(name) not in ("", "down*"), timeout, f"{name} registered")
+        if self._node_state(name).startswith(("down", "drain")):
+            self.run(["scontrol", "update", f"nodename={name}", "state=resume"], check=False)
+        self._wait_idle(timeout)
+
+    def _node_state(self, name: str) -> str:
+        return self.run(["sinfo", "-h", "-n", name, "-o", "%t"], check=False).stdout.strip()
 
     def _conf(self) -> str:
         if self.head is None:  # free ports: a Slurm of the machine's own may be running
             ctld, ports, per_node = (NODE, "127.0.0.1"), (_free_port(), _free_port()), ""
+            timeouts = ""  # Slurm's defaults: the one node never dies on purpose
         else:  # own network namespaces: Slurm's default ports are free there
             ctld, ports, per_node = (self.head.name, self.head.addr), (6817, 6818), "-%n"
+            timeouts = DEAD_NODE_TIMEOUTS
         nodes = "\n".join(NODE_LINE.format(name=n, addr=a, cpus=CPUS) for n, a in self.nodes)
         return SLURM_CONF.format(
             ctld_host=ctld[0], ctld_addr=ctld[1], ctld_port=ports[0], slurmd_port=ports[1],
-            per_node=per_node, nodes=nodes, node_names=",".join(n for n, _ in self.nodes),
+            per_node=per_node, node_timeouts=timeouts, nodes=nodes, node_names=",".join(n for n, _ in self.nodes),
             state=self.state, munge_socket=self.munge_socket, true=shutil.which("true") or "/bin/true")
 
     def _wrap(self, cmd: list[str], host: "Host | None" = None) -> list[str]:
@@ -173,7 +217,7 @@ class SlurmCluster:
 
     def _spawn(self, name: str, cmd: list[str], host: "Host | None" = None) -> None:
         """Start a daemon (munged: on this machine; its socket serves every namespace)."""
-        log = open(self.state / "log" / f"{name}.out", "w")
+        log = open(self.state / "log" / f"{name}.out", "a")  # a restarted slurmd appends
         if host is not None:
             cmd = self.hosts.wrap(host, cmd)
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,

@@ -13,11 +13,13 @@ rank's node, rank and batches (sample keys).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from hosts_harness import IFACE, PROBE, assert_each_sample_once_per_epoch, id_job, probe_batches
@@ -66,6 +68,10 @@ def tail(path: Path, chars: int = 6000) -> str:
 
 def latest_tag(run_dir: Path) -> str:
     return (run_dir / "checkpoints" / "latest").read_text().strip()
+
+
+def ckpt_step(tag: str) -> int:
+    return int(tag.removeprefix("step"))
 
 
 def test_sweep_array_trains_each_variant_in_its_own_run_dir(slurm_cluster, tmp_path, digits_shards):
@@ -268,3 +274,81 @@ def test_two_node_job_preempted_requeues_and_resumes(slurm_two_nodes, tmp_path, 
     by_rank = probe_batches(probe)  # both starts: every rank took one batch per step, on both nodes
     check_placement(cluster, by_rank)
     assert {r: len(recs) for r, recs in by_rank.items()} == {r: total for r in range(4)}
+
+
+# ------------------------------------------------------------------------ node range
+def wait_requeued(cluster: SlurmCluster, job_id: str, out: Path, timeout: float) -> float:
+    """Until Slurm has requeued the job (Restarts=1: pending for cred_expire, then running
+    again; the new run saves no checkpoint in its first seconds); returns time.time()."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = cluster.job_info(job_id)
+        if info["Restarts"] == "1":
+            return time.time()
+        if not cluster.active(job_id) or time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} not requeued after the node loss: {info['JobState']} "
+                                 f"Restarts={info['Restarts']} Reason={info['Reason']}\n{tail(out)}")
+        time.sleep(0.25)
+
+
+def test_node_range_job_losing_a_node_is_requeued_and_resumes_on_the_node_left(
+        slurm_two_nodes, tmp_path, id_data):
+    """`sbatch -N 1-2 --exclusive --requeue` with IDDPM_TASKS_PER_NODE=2: 2 nodes x 2 ranks.
+    Node 2 dies (every process on its host SIGKILLed: slurmd, slurmstepd, ranks). The
+    survivors exit 4; slurmctld finds the node silent (SlurmdTimeout, tests/slurm_cluster.py),
+    sets it DOWN and requeues the job itself (NODE_FAIL + --requeue); the requeued job gets
+    the one node left, 2 ranks, and resumes from the newest complete checkpoint (saved by 4
+    ranks: universal conversion) to the end. Nobody types a command."""
+    cluster, total, every = slurm_two_nodes, 60, 8
+    (first, _), (second, _) = cluster.nodes
+    job = id_job(tmp_path, id_data, SAMPLES, **{"train.max_steps": total, "train.batch_size": 4,
+                                                "train.save_interval": every})
+    run_dir, out = tmp_path / "run", tmp_path / "train.out"
+    start = time.monotonic()
+    job_id = cluster.sbatch("-N", "1-2", "--exclusive", "--requeue", "-o", str(out), str(SLURM / "train.sbatch"),
+                            str(job), cwd=tmp_path, env={"GLOO_SOCKET_IFNAME": IFACE, "IDDPM_TASKS_PER_NODE": "2"})
+    try:
+        wait_for_step(cluster, job_id, run_dir, every + every // 2, out, timeout=300)  # mid-interval
+        killed_at = cluster.kill_node(second)
+        requeued_at = wait_requeued(cluster, job_id, out, timeout=120)
+        saved_before = ckpt_step(latest_tag(run_dir))  # what the first run left, read before the restart
+        cluster.wait_done(job_id, timeout=300)
+    finally:
+        cluster.revive_node(second)  # the session's two-node cluster stays whole for later tests
+    wall = time.monotonic() - start
+
+    info = cluster.job_info(job_id)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", tail(out)
+    assert info["Restarts"] == "1" and info["NodeList"] == first and info["NumNodes"] == "1", tail(out)
+    text = out.read_text()
+    # the fault landed: both survivors took the peer-loss exit, slurmctld failed node 2 and
+    # cancelled the job for it (then requeued it: no scontrol requeue from the script)
+    assert sorted(re.findall(r"^error: (rank \d): ", text, re.M)) == ["rank 0", "rank 1"], tail(out)
+    assert "Exited with exit code 4" in text
+    assert f"Node failure on {second}" in text and "DUE TO NODE FAILURE" in text, tail(out)
+    assert "requeueing job" not in text
+    starts = log_events(out, "train_start")
+    assert [(s["step"], s["world_size"]) for s in starts] == [(0, 4), (saved_before, 2)], tail(out)
+    resumed = log_events(out, "resumed")
+    assert [(r["step"], r["saved_world_size"], r["world_size"]) for r in resumed] == [(saved_before, 4, 2)]
+    assert log_events(out, "train_done")[-1]["step"] == total
+
+    rows = metrics(run_dir)
+    before = [r["step"] for r in rows if r["time"] < killed_at]
+    after = [r for r in rows if r["time"] > killed_at]
+    assert before == list(range(1, len(before) + 1)) and saved_before <= before[-1] < saved_before + every + 4
+    assert [r["step"] for r in after] == list(range(saved_before + 1, total + 1))  # no step twice, no gap
+    saves = {e["step"]: e["time"] for e in log_events(out, "checkpoint_saved")}
+    lost = killed_at - saves[saved_before]
+    first_small = after[0]["time"] - killed_at
+    print(f"node range: node lost -> requeued {requeued_at - killed_at:.1f} s -> first step at world size 2 "
+          f"{first_small:.1f} s; lost work {lost:.1f} s ({before[-1] - saved_before} steps); test {wall:.1f} s")
+    assert first_small < 120, "recovery bound: node DOWN ~15 s + requeue delay ~11 s + start-up"
+
+    final = run_dir / "checkpoints" / f"step{total:07d}"
+    assert latest_tag(run_dir) == final.name
+    assert sorted(p.name for p in final.glob("rank*.pt")) == ["rank00000.pt", "rank00001.pt"]
+    state = torch.load(final / "trainer_state.pt", weights_only=True)
+    assert (state["meta"]["step"], state["meta"]["world_size"]) == (total, 2)
+    weights = torch.load(final / f"model{total:06d}.pt", weights_only=True)
+    assert weights and all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
