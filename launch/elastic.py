@@ -93,6 +93,11 @@ def status_of(err: ChildFailedError) -> int:
     return 128 + (-code) if code < 0 else (code or 1)
 
 
+def parse_args(argv: list[str] | None) -> Any:
+    """torchrun's own parser: every torchrun option, then the training script and its args."""
+    return torchrun.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     # torch 2.13's shared rendezvous TCP store publishes MASTER_ADDR once, in the agent's
     # first round: a node that joins later waits for it forever (measured: the grow step
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     # torch builds its agent in launcher.api.launch_agent with no hook to choose the class;
     # this module attribute is the one seam, set here in the launcher process only
     launcher_api.LocalElasticAgent = ServiceAgent
-    args = torchrun.parse_args(argv)
+    args = parse_args(argv)
     try:
         torchrun.run(args)
     except ChildFailedError as err:
