@@ -1,15 +1,7 @@
-"""Overhead of the loss-aware timestep sampler per training step: ours vs the reference's.
+"""Overhead of the loss-aware timestep sampler per step, ours vs the reference's; docs/timestep_sampler.md
+explains each view.
 
-Times one `sample(B)` + `update_with_local_losses(t, losses)` per step in torchrun ranks
-joined by gloo (world 1, 2, 4; batch 16, 256), for a faithful re-implementation of the
-reference (three blocking all_gathers, `.item()` per element, a Python history update) and
-iddpm_ds's LossSecondMomentResampler (one asynchronous all-gather, vectorised update), both
-warmed up. Time per step is the slowest rank's; three views with their ratios: back to back,
-with host-idle work between steps (as a GPU backward gives), and compute only (one process).
-docs/timestep_sampler.md explains each.
-
-    python -m bench.sampler_overhead            # full run (about a minute on 2 cores)
-    python -m bench.sampler_overhead --quick    # smoke run
+    python -m bench.sampler_overhead [--quick] [--worlds 1,2,4]
 """
 from __future__ import annotations
 
@@ -21,11 +13,10 @@ import torch.distributed as dist
 
 from bench.common import cli, result, run_workers
 from iddpm_ds.diffusion.timestep_sampler import LossSecondMomentResampler
+from iddpm_ds.testing import ReferenceSecondMoment
 
 T, H, UNIFORM_PROB, BATCHES = 1000, 10, 0.001, (16, 256)
-# Host-idle time per step standing in for a GPU backward pass (a real UNet backward at
-# these batch sizes takes longer).
-WORK_S = 0.02
+WORK_S = 0.02  # host-idle time per step standing in for a GPU backward (a real one is longer)
 
 
 def steps(batch: int, quick: bool) -> tuple[int, int]:
@@ -33,65 +24,10 @@ def steps(batch: int, quick: bool) -> tuple[int, int]:
     return {16: (20, 5), 256: (5, 2)}[batch] if quick else {16: (200, 50), 256: (50, 25)}[batch]
 
 
-class ReferenceLossSecondMoment:
-    """The reference algorithm as it runs in improved-diffusion (minus its np.int crash)."""
-
-    def __init__(self, num_timesteps: int, history_per_term: int, uniform_prob: float) -> None:
-        self.history_per_term, self.uniform_prob = history_per_term, uniform_prob
-        self._loss_history = np.zeros([num_timesteps, history_per_term], dtype=np.float64)
-        self._loss_counts = np.zeros([num_timesteps], dtype=np.int64)
-
-    def weights(self) -> np.ndarray:
-        if not (self._loss_counts == self.history_per_term).all():
-            return np.ones([len(self._loss_counts)], dtype=np.float64)
-        weights = np.sqrt(np.mean(self._loss_history ** 2, axis=-1))
-        weights /= np.sum(weights)
-        weights *= 1 - self.uniform_prob
-        weights += self.uniform_prob / len(weights)
-        return weights
-
-    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.weights()
-        p = w / np.sum(w)
-        indices_np = np.random.choice(len(p), size=(batch_size,), p=p)
-        indices = torch.from_numpy(indices_np).long()
-        weights = torch.from_numpy(1 / (len(p) * p[indices_np])).float()
-        return indices, weights
-
-    def update_with_local_losses(self, local_ts: torch.Tensor, local_losses: torch.Tensor) -> None:
-        world = dist.get_world_size()
-        batch_sizes = [torch.tensor([0], dtype=torch.int32) for _ in range(world)]
-        dist.all_gather(batch_sizes, torch.tensor([len(local_ts)], dtype=torch.int32))
-        batch_sizes = [x.item() for x in batch_sizes]
-        max_bs = max(batch_sizes)
-        timestep_batches = [torch.zeros(max_bs).to(local_ts) for _ in batch_sizes]
-        loss_batches = [torch.zeros(max_bs).to(local_losses) for _ in batch_sizes]
-        pad = max_bs - len(local_ts)
-        dist.all_gather(timestep_batches, torch.nn.functional.pad(local_ts, (0, pad)))
-        dist.all_gather(loss_batches, torch.nn.functional.pad(local_losses, (0, pad)))
-        self.update_from_gathered(batch_sizes, timestep_batches, loss_batches)
-
-    def update_from_gathered(self, batch_sizes: list, timestep_batches: list,
-                             loss_batches: list) -> None:
-        timesteps = [x.item() for y, bs in zip(timestep_batches, batch_sizes) for x in y[:bs]]
-        losses = [x.item() for y, bs in zip(loss_batches, batch_sizes) for x in y[:bs]]
-        self.update_with_all_losses(timesteps, losses)
-
-    def update_with_all_losses(self, ts: list, losses: list) -> None:
-        for t, loss in zip(ts, losses):
-            if self._loss_counts[t] == self.history_per_term:
-                self._loss_history[t, :-1] = self._loss_history[t, 1:]
-                self._loss_history[t, -1] = loss
-            else:
-                self._loss_history[t, self._loss_counts[t]] = loss
-                self._loss_counts[t] += 1
-
-
 def _make_samplers(rank: int, batch: int) -> dict:
     history = np.exp(np.random.default_rng(0).normal(size=(T, H)))  # same on every rank: global state
-    reference = ReferenceLossSecondMoment(T, H, UNIFORM_PROB)
-    reference._loss_history[:] = history
-    reference._loss_counts[:] = H
+    reference = ReferenceSecondMoment(T, H, UNIFORM_PROB)
+    reference.history[:], reference.counts[:] = history, H
     ours = LossSecondMomentResampler(T, device="cpu", seed=0, rank=rank, history_per_term=H,
                                      uniform_prob=UNIFORM_PROB, max_local_batch=batch)
     ours.load_state_dict({"name": ours.name, "num_timesteps": T,
