@@ -6,12 +6,14 @@ explains each view.
 from __future__ import annotations
 
 import time
+from functools import partial
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from bench.common import cli, result, run_workers
+from bench.common import cli, per_step, result, run_workers
 from iddpm_ds.diffusion.timestep_sampler import LossSecondMomentResampler
 from iddpm_ds.testing import ReferenceSecondMoment
 
@@ -36,26 +38,12 @@ def _make_samplers(rank: int, batch: int) -> dict:
     return {"reference": reference, "ours": ours}
 
 
-def _per_step(step, steps: int, warmup: int = 3) -> float:
-    """Seconds per call of step(i) after `warmup` untimed calls, the slowest rank's, less
-    the seconds each call returns as slept (host-idle time standing in for a backward)."""
-    for i in range(warmup):
-        step(i)
-    dist.barrier()
-    start, slept = time.perf_counter(), 0.0
-    for i in range(warmup, warmup + steps):
-        slept += step(i)
-    elapsed = torch.tensor([time.perf_counter() - start - slept], dtype=torch.float64)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return float(elapsed) / steps
+def _sampler_step(sampler, batch: int, steps: int, work_s: float) -> Callable[[], float]:
+    losses = iter(torch.rand(steps + 3, batch))  # [S, B]
 
-
-def _sampler_step(sampler, batch: int, steps: int, work_s: float):
-    losses = torch.rand(steps + 3, batch)  # [S, B]
-
-    def step(i: int) -> float:
+    def step() -> float:
         t, _ = sampler.sample(batch)
-        sampler.update_with_local_losses(t, losses[i])
+        sampler.update_with_local_losses(t, next(losses))
         if not work_s:
             return 0.0
         nap = time.perf_counter()
@@ -69,14 +57,15 @@ def worker(quick: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world, rows = dist.get_rank(), dist.get_world_size(), []
+    timed = partial(per_step, warmup=3, barrier=dist.barrier)
     np.random.seed(rank)
     for batch in BATCHES:
         samplers, (n, n_work) = _make_samplers(rank, batch), steps(batch, quick)
-        row = [_per_step(_sampler_step(samplers[name], batch, n_steps, work_s), n_steps)
+        row = [timed(_sampler_step(samplers[name], batch, n_steps, work_s), n_steps)
                for work_s, n_steps in ((0.0, n), (WORK_S, n_work)) for name in ("reference", "ours")]
         packet, out = torch.zeros(2 * batch, dtype=torch.int64), torch.empty(2 * batch * world, dtype=torch.int64)
-        gather = (lambda i: dist.all_gather_into_tensor(out, packet) or 0.0)  # the floor: one bare collective
-        rows.append([world, batch, *row, _per_step(gather, n) if world > 1 else 0.0])
+        gather = (lambda: dist.all_gather_into_tensor(out, packet))  # the floor: one bare collective
+        rows.append([world, batch, *row, timed(gather, n) if world > 1 else 0.0])
     if rank == 0:
         result({"rows": rows})
     dist.barrier()
@@ -86,20 +75,18 @@ def worker(quick: bool) -> None:
 def _compute_only(world: int, batch: int, steps: int) -> tuple[float, float]:
     """Seconds per step of everything but the communication, in this process: both
     implementations consume what the all-gather(s) of `world` equal ranks would return."""
-    samplers = _make_samplers(0, batch)
-    reference, ours = samplers["reference"], samplers["ours"]
-    losses = torch.rand(steps, batch)  # [S, B]
-    start = time.perf_counter()
-    for i in range(steps):
-        t, _ = reference.sample(batch)
+    reference, ours = _make_samplers(0, batch).values()
+    losses = iter(torch.rand(2 * steps, batch))  # [S, B]: each step takes the next row
+
+    def ref_step() -> None:
+        t, loss = reference.sample(batch)[0], next(losses)
         reference.update_from_gathered([batch] * world, [t.clone() for _ in range(world)],
-                                       [losses[i].clone() for _ in range(world)])
-    ref_seconds = (time.perf_counter() - start) / steps
-    start = time.perf_counter()
-    for i in range(steps):
-        t, _ = ours.sample(batch)
-        ours._apply_gathered(ours._pack(t, losses[i]).repeat(world, 1, 1))  # [W, 2, C]
-    return ref_seconds, (time.perf_counter() - start) / steps
+                                       [loss.clone() for _ in range(world)])
+
+    def our_step() -> None:
+        t, loss = ours.sample(batch)[0], next(losses)
+        ours._apply_gathered(ours._pack(t, loss).repeat(world, 1, 1))  # [W, 2, C]
+    return per_step(ref_step, steps), per_step(our_step, steps)
 
 
 def main() -> None:
@@ -108,10 +95,9 @@ def main() -> None:
     parser.add_argument("--worlds", default="1,2,4", help="comma-separated world sizes")
     args = parser.parse_args()
     if args.worker:
-        return worker(args.quick)
+        return worker(args.worker.quick)
     worlds = [int(w) for w in args.worlds.split(",")]
-    quick = ["--quick"] if args.quick else []
-    rows = [row for w in worlds for row in run_workers("bench.sampler_overhead", w, quick, w, "sampler")["rows"]]
+    rows = [row for w in worlds for row in run_workers("bench.sampler_overhead", w, vars(args), w, "sampler")["rows"]]
     print(f"loss-aware sampler overhead per step (sample + update), T={T}, history={H}, "
           "gloo, CPU, 1 thread per rank")
     print(f"{'world':>5} {'batch':>5} {'reference ms':>13} {'iddpm_ds ms':>12} {'ratio':>7} {'1 all-gather ms':>16}")
