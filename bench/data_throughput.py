@@ -1,17 +1,16 @@
-"""Images/s of the shard reader vs a per-file folder loader written the reference way, like
-for like: both get the same worker count, stored bytes and preprocessing per image, so the
-ratio is the container and reader alone. Generated JPEGs (40-96 px, 10 classes in
-sub-folders) are stored as `original` JPEGs (both decode + resize + crop), `sized` 32 px
-PNGs and `raw` 32 px pixels (.npy / raw shards: no decode), each as a folder of files and as
-tar shards. Each pass is one epoch on one rank, loader start-up included; passes alternate
-in order and the median of per-pair ratios is printed, then what moving the resize offline
-and a second worker give within the shard reader (not like for like; docs/data.md).
+"""Images/s of the shard reader vs a per-file folder loader written the reference way, like for
+like (same workers, stored bytes and preprocessing) and against the per-file loader on the
+original JPEGs with 1 worker, per way of storing the images; docs/data.md explains it.
 
-    python -m bench.data_throughput                 # 10,000 images, ~3 min on 2 cores
-    python -m bench.data_throughput --images 2000 --repeats 1   # quick check
+--capacity: per paper job, what one H200 eats at an assumed MFU against the reader's decode
+rate on one core and the bytes per sample (docs/benchmarks.md).
+
+    python -m bench.data_throughput [--images 10000] [--repeats 3]   # ~3 min on 2 cores
+    OMP_NUM_THREADS=1 python -m bench.data_throughput --capacity [--mfu 0.4]
 """
 from __future__ import annotations
 
+import io
 import statistics
 import tempfile
 import time
@@ -22,14 +21,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from bench.common import alternate, cli, paired_ratio
+from bench.common import ROOT, alternate, cli, paired_ratio
 from iddpm_ds.data import build_train_stream
-from iddpm_ds.data.shards import WriteOptions, folder_items, write_items
+from iddpm_ds.data.shards import Item, WriteOptions, folder_items, write_items
 from iddpm_ds.spec.data import DataSpec
+from iddpm_ds.spec.job import load_job
+from iddpm_ds.train.flops import PEAK_FLOPS, train_flops_per_image
 
 KINDS = {"original": "original JPEGs, decode + resize per read",
          "sized": "pre-sized PNGs, decode per read",
          "raw": "pre-sized raw pixels, no decode"}
+GPUS_PER_NODE = 8
 
 
 def make_images(folder: Path, count: int, seed: int = 0) -> None:
@@ -54,14 +56,14 @@ def reference_preprocess(image: Image.Image, resolution: int) -> np.ndarray:
 
 
 class _PerFileDataset(Dataset):
-    """The reference's design: every rank lists the whole folder and keeps a strided slice."""
+    """The reference's design: list the whole folder (one rank: its slice is all of it), class
+    ids from the sorted file-name prefixes, open + preprocess per read."""
 
-    def __init__(self, folder: Path, resolution: int, rank: int = 0, world: int = 1):
-        paths = sorted(p for p in folder.rglob("*") if p.suffix in (".jpg", ".png", ".npy"))
-        names = [p.name.split("_")[0] for p in paths]
+    def __init__(self, folder: Path, resolution: int):
+        self.paths = sorted(p for p in folder.rglob("*") if p.suffix in (".jpg", ".png", ".npy"))
+        names = [p.name.split("_")[0] for p in self.paths]
         ids = {n: i for i, n in enumerate(sorted(set(names)))}
-        self.paths, self.classes = paths[rank::world], [ids[n] for n in names][rank::world]
-        self.resolution = resolution
+        self.classes, self.resolution = [ids[n] for n in names], resolution
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -79,24 +81,49 @@ class _PerFileDataset(Dataset):
         return np.transpose(arr, [2, 0, 1]), {"y": np.array(self.classes[idx], dtype=np.int64)}
 
 
-def baseline_pass(folder: Path, resolution: int, batch: int, workers: int) -> float:
-    """Seconds per image of one epoch of the per-file loader, listing included."""
+def epoch(reader: str, path: Path, resolution: int, batch: int, workers: int) -> float:
+    """Seconds per image of one epoch, start-up included: the per-file loader over a folder
+    ("files") or build_train_stream over a shard index ("shards")."""
     start = time.perf_counter()
-    loader = DataLoader(_PerFileDataset(folder, resolution), batch_size=batch, shuffle=True,
-                        num_workers=workers, drop_last=True)
-    seen = sum(x.shape[0] for x, _ in loader)
+    if reader == "files":
+        seen = sum(x.shape[0] for x, _ in DataLoader(_PerFileDataset(path, resolution), batch_size=batch,
+                                                     shuffle=True, num_workers=workers, drop_last=True))
+    else:
+        stream = build_train_stream(DataSpec(shards=str(path), num_workers=workers, shuffle_buffer=1000),
+                                    image_size=resolution, class_cond=True, batch_size=batch, rank=0,
+                                    world_size=1, seed=0)
+        seen = sum(x.shape[0] for _, (x, _) in zip(range(stream.batches_per_epoch), stream))
+        stream.close()
     return (time.perf_counter() - start) / seen
 
 
-def shard_pass(index: Path, resolution: int, batch: int, workers: int) -> float:
-    """Seconds per image of one epoch of build_train_stream, start-up included."""
+def _images(size: int, count: int, fmt: str) -> list[Item]:
+    """Square smooth random images (coarse noise, bilinear up, a little grain), encoded as fmt."""
+    rng, items = np.random.default_rng(size), []
+    for i in range(count):
+        coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        pixels = np.asarray(coarse.resize((size, size), Image.Resampling.BILINEAR), dtype=np.int16)
+        pixels = np.clip(pixels + rng.integers(-6, 7, pixels.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG" if fmt == "png" else "JPEG", quality=90)
+        items.append(Item(lambda data=buf.getvalue(): (fmt, data), str(i % 10), f"#{i}", i % 10))
+    return items
+
+
+def decode_rate(folder: Path, size: int, fmt: str, images: int) -> tuple[float, float]:
+    """(images/s of one reader process: one core, shard bytes per sample) at `size` (a third
+    of the images above 64 px), start-up not counted."""
+    count = images if size <= 64 else max(100, images // 3)
+    options = WriteOptions(shard_size=100, shuffle=False, progress=False)
+    index = write_items(_images(size, count, fmt), folder / f"{fmt}{size}", options, "bench.data_throughput")
+    spec = DataSpec(shards=f"{folder}/{fmt}{size}/index.json#train", num_workers=0, shuffle_buffer=0)
+    stream = build_train_stream(spec, image_size=size, class_cond=True, batch_size=50, rank=0,
+                                world_size=1, seed=0)
     start = time.perf_counter()
-    spec = DataSpec(shards=str(index), num_workers=workers, shuffle_buffer=1000)
-    stream = build_train_stream(spec, image_size=resolution, class_cond=True, batch_size=batch,
-                                rank=0, world_size=1, seed=0)
     seen = sum(x.shape[0] for _, (x, _) in zip(range(stream.batches_per_epoch), stream))
+    rate = seen / (time.perf_counter() - start)
     stream.close()
-    return (time.perf_counter() - start) / seen
+    return rate, sum(s["bytes"] for s in index["splits"]["train"]["shards"]) / count
 
 
 def prepare(tmp: Path, count: int, resolution: int) -> dict[str, tuple[Path, Path]]:
@@ -116,40 +143,52 @@ def prepare(tmp: Path, count: int, resolution: int) -> dict[str, tuple[Path, Pat
     return {kind: (folders[kind], tmp / "shards" / kind / "index.json") for kind in KINDS}
 
 
+def capacity(images: int, mfu: float) -> None:
+    """The capacity table: GPU appetite per paper job against one core's decode rate."""
+    specs = {p.stem: load_job(p) for p in sorted((ROOT / "launch/jobs/paper").glob("*.yaml"))}
+    with tempfile.TemporaryDirectory() as tmp:
+        decode = {(size, fmt): decode_rate(Path(tmp), size, fmt, images) for fmt in ("png", "jpg")
+                  for size in sorted({j.model.image_size for j in specs.values()})}
+    print(f"| job | px | GFLOP/img (fwd+bwd) | img/s per H200 at {mfu:.0%} MFU | stored as | "
+          "decode img/s per core | cores per 8-GPU node | kB/sample | network per node |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    for name, job in specs.items():
+        flops, size = train_flops_per_image(job), job.model.image_size
+        gpu_rate = mfu * PEAK_FLOPS["H200"]["bf16"] / flops
+        for fmt in ("png", "jpg"):
+            rate, per_sample = decode[size, fmt]
+            net = GPUS_PER_NODE * gpu_rate * per_sample
+            print(f"| {name} | {size} | {flops / 1e9:.0f} | {gpu_rate:.0f} | {fmt} | {rate:.0f} | "
+                  f"{GPUS_PER_NODE * gpu_rate / rate:.1f} | {per_sample / 1e3:.1f} | {net / 1e6:.1f} MB/s "
+                  f"({net * 8 / 1e9:.2f} Gbit/s) |")
+
+
 def main() -> None:
     parser = cli(__doc__, threads=None)
-    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--images", type=int, help="10,000 (--capacity: 600 per size, a third at 256 px)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="passes per reader per row")
+    parser.add_argument("--capacity", action="store_true", help="the capacity table of the paper jobs instead")
+    parser.add_argument("--mfu", type=float, default=0.40, help="--capacity: assumed MFU (no GPU run logged one)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    res, batch = 32, args.batch
+    if args.capacity:
+        return capacity(args.images or 600, args.mfu)
+    res, batch, count = 32, args.batch, args.images or 10_000
     with tempfile.TemporaryDirectory() as tmp:
         began = time.perf_counter()
-        data = prepare(Path(tmp), args.images, res)
-        print(f"{args.images} images: generated, pre-sized and sharded in {time.perf_counter() - began:.0f} s; "
+        data = prepare(Path(tmp), count, res)
+        print(f"{count} images: generated, pre-sized and sharded in {time.perf_counter() - began:.0f} s; "
               f"{args.repeats} pass(es) per reader per row, median of per-pair ratios")
-        print(f"{'stored as':<44} {'workers':>7} {'per-file img/s':>14} {'shards img/s':>12} {'ratio':>6}")
-        shard_rates = {}
+        print(f"{'stored as':<44} {'workers':>7} {'per-file img/s':>14} {'shards img/s':>12} {'ratio':>6}"
+              "  vs per-file originals, 1 worker")
         for (kind, (folder, index)), workers in ((item, w) for item in data.items() for w in (1, 2)):
-            secs = alternate({"files": lambda: baseline_pass(folder, res, batch, workers),
-                              "shards": lambda: shard_pass(index, res, batch, workers)}, args.repeats)
-            shard_rates[kind, workers] = 1 / statistics.median(secs["shards"])
-            print(f"{KINDS[kind]:<44} {workers:>7} {1 / statistics.median(secs['files']):14.0f} "
-                  f"{shard_rates[kind, workers]:12.0f} {paired_ratio(secs['shards'], secs['files']):5.2f}x")
-        attribute(shard_rates)
-
-
-def attribute(rates: dict[tuple[str, int], float]) -> None:
-    """Not like for like on purpose: what each setup change gives within the shard reader."""
-    print("\nwithin the shard reader (medians above; not a reader comparison):")
-    for workers in (1, 2):
-        print(f"  resize moved offline (sized / original), {workers} worker(s): "
-              f"{rates['sized', workers] / rates['original', workers]:.2f}x")
-        print(f"  decode removed too (raw / original), {workers} worker(s): "
-              f"{rates['raw', workers] / rates['original', workers]:.2f}x")
-    for kind in KINDS:
-        print(f"  second worker ({kind}): {rates[kind, 2] / rates[kind, 1]:.2f}x")
+            secs = alternate({"files": lambda: epoch("files", folder, res, batch, workers),
+                              "shards": lambda: epoch("shards", index, res, batch, workers)}, args.repeats)
+            rates = {k: 1 / statistics.median(v) for k, v in secs.items()}
+            base = rates["files"] if (kind, workers) == ("original", 1) else base
+            print(f"{KINDS[kind]:<44} {workers:>7} {rates['files']:14.0f} {rates['shards']:12.0f} "
+                  f"{paired_ratio(secs['shards'], secs['files']):5.2f}x  {rates['shards'] / base:5.2f}x")
 
 
 if __name__ == "__main__":
