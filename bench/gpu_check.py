@@ -1,14 +1,10 @@
-"""The GPU check: `pytest -m gpu` (the rows of tests/test_gpu_check.py and the other GPU
-tests), printed as one Markdown table for docs/benchmarks.md. Exit status 1 if a row fails.
+"""The GPU check: `pytest -m gpu` printed as one Markdown table (docs/benchmarks.md); exit
+status 1 if a row fails.
 
-    bash bench/gpu_check.sh                  # GPU machine: installs the carried wheels, then this
-    python -m bench.gpu_check                # a GPU machine that has the dependencies
-    python -m bench.gpu_check --dry-run      # the same tests on CPU: GPU-only rows skip
-    python -m bench.gpu_check -- -k nccl     # pytest arguments after --
+    python -m bench.gpu_check [--dry-run] [-- PYTEST_ARGS]   # bash bench/gpu_check.sh on a GPU machine
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -19,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import ROOT, cli
+
 DASH = "—"
 
 
@@ -32,9 +29,10 @@ def run_pytest(gpu: bool, extra: list[str], xml: Path) -> int:
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 
-def table(xml: Path, gpu: bool) -> tuple[str, bool]:
+def table(xml: Path) -> tuple[str, bool]:
     """The Markdown table of the junit-xml report, and whether any row failed."""
-    lines = ["| check | result | s (budget) | peak memory | img/s | MFU | detail |", "|---|---|---:|---:|---:|---:|---|"]
+    lines = ["| check | result | s (budget) | peak memory | img/s | MFU | detail |",
+             "|---|---|---:|---:|---:|---:|---|"]
     failed = False
     for case in ElementTree.parse(xml).getroot().iter("testcase"):
         props = {p.get("name"): p.get("value") for p in case.iter("property")}
@@ -55,18 +53,8 @@ def table(xml: Path, gpu: bool) -> tuple[str, bool]:
     return "\n".join(lines), failed
 
 
-def machine_line(gpu: bool, seconds: float) -> str:
-    import deepspeed
-
-    device = "CPU (dry run)"
-    if gpu:
-        props = torch.cuda.get_device_properties(0)
-        device = f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
-    return f"gpu_check on {device}, torch {torch.__version__}, DeepSpeed {deepspeed.__version__}: {seconds:.0f} s in all"
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli(__doc__, threads=None)
     parser.add_argument("--dry-run", action="store_true", help="CPU: the GPU-only rows skip with the reason")
     parser.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
     args = parser.parse_args(argv)
@@ -79,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         code = run_pytest(gpu, args.pytest_args, Path(tmp) / "gpu.xml")
         if not (Path(tmp) / "gpu.xml").is_file():
             return code or 1
-        markdown, failed = table(Path(tmp) / "gpu.xml", gpu)
-    print(f"\n{machine_line(gpu, time.perf_counter() - began)}\n\n{markdown}")
+        markdown, failed = table(Path(tmp) / "gpu.xml")
+    import deepspeed
+
+    device = f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}" if gpu else "CPU (dry run)"
+    print(f"\ngpu_check on {device}, torch {torch.__version__}, DeepSpeed {deepspeed.__version__}: "
+          f"{time.perf_counter() - began:.0f} s in all\n\n{markdown}")
     return 1 if failed or code not in (0, 5) else 0
 
 
