@@ -13,9 +13,9 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from types import SimpleNamespace
+from typing import Any, Callable
 
 import torch
 
@@ -44,47 +44,11 @@ LEVERS: dict[str, tuple[str, dict, str]] = {  # row: (precision, job fields, gai
 BLOCKS, WARMUP = 5, 3  # alternating timed blocks per loop; untimed steps first (compilation)
 
 
-class PhaseClock:
-    """Wall time per named phase, the device synchronised at each boundary, while `measure`
-    runs (bench only: the trainer's step never synchronises); `wrap` routes a callable
-    through it in place."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds = device, None  # None: not measuring
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        if self.seconds is None:
-            yield
-            return
-        sync(self.device)
-        start = time.perf_counter()
-        yield
-        sync(self.device)
-        self.seconds[name] += time.perf_counter() - start
-
-    def wrap(self, owner: Any, attr: str, name: str) -> None:
-        inner = getattr(owner, attr)
-
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            with self.phase(name):
-                return inner(*args, **kwargs)
-        setattr(owner, attr, wrapped)
-
-    def measure(self, step: Callable[[], None], n: int) -> dict[str, float]:
-        """Seconds per step of each phase over n steps."""
-        self.seconds = defaultdict(float)
-        with self.phase("total"):
-            for _ in range(n):
-                step()
-        seconds, self.seconds = self.seconds, None
-        return {k: v / n for k, v in seconds.items()}
-
-
-def bare_step(job, device: torch.device, world: int, clock: PhaseClock) -> Callable[[], None]:
+def bare_step(job, device: torch.device, world: int) -> tuple[Callable[[], None], list]:
     """The baseline: what a hand-written loop does, nothing more. fp32 model,
     GaussianDiffusion.training_losses, torch AdamW with its defaults, the batch already in
-    memory, uniform t; torch DDP (all-reduce overlapped with backward) at world size > 1."""
+    memory, uniform t; torch DDP (all-reduce overlapped with backward) at world size > 1.
+    Returns the step and its phases as phase_pass takes them."""
     from iddpm_ds import build_diffusion, build_model
 
     torch.manual_seed(0)
@@ -92,21 +56,19 @@ def bare_step(job, device: torch.device, world: int, clock: PhaseClock) -> Calla
     model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     diffusion, opt = build_diffusion(job.diffusion), torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.rand(BATCH, 3, 32, 32, device=device) * 2 - 1  # [N, C, H, W]
+    loop = SimpleNamespace(backward=lambda loss: loss.backward(),  # DDP's all-reduce overlaps it
+                           optimizer=lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
 
     def step() -> None:
         t = torch.randint(0, diffusion.num_timesteps, (BATCH,), device=device)
-        with clock.phase("forward (losses)"):
-            loss = diffusion.training_losses(model, x, t)["loss"].mean()
-        with clock.phase("backward"):
-            loss.backward()  # DDP's gradient all-reduce overlaps this
-        with clock.phase("optimizer step"):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    return step
+        loop.backward(diffusion.training_losses(model, x, t)["loss"].mean())
+        loop.optimizer()
+    return step, [(diffusion, "training_losses", "forward (losses)"), (loop, "backward", "backward"),
+                  (loop, "optimizer", "optimizer step")]
 
 
-def service_step(trainer, clock: PhaseClock) -> Callable[[], None]:
-    """What Trainer.run does per step, each component it calls routed through the clock."""
+def service_step(trainer) -> tuple[Callable[[], None], list]:
+    """What Trainer.run does per step, and the components it calls as phase_pass takes them."""
     wraps = [(trainer, "_next_batch", "data wait"), (trainer.diffusion, "training_losses", "forward (losses)"),
              (trainer.engine, "backward", "backward"), (trainer.engine, "step", "optimizer step"),
              (trainer.ema, "update", "EMA"), (trainer.losses, "accumulate", "metrics + preemption check"),
@@ -116,14 +78,33 @@ def service_step(trainer, clock: PhaseClock) -> Callable[[], None]:
               for name in ("sample", "update_with_local_losses", "begin_step", "end_step")]
     wraps += [(trainer.guard, name, "divergence guard")
               for name in ("begin_step", "poison", "measure_grads", "end_step")]
-    for owner, attr, name in wraps:
-        clock.wrap(owner, attr, name)
 
     def step() -> None:
         trainer.train_step()
         trainer._after_step()
         trainer.preempt.should_stop(trainer.step)
-    return step
+    return step, wraps
+
+
+def phase_pass(step: Callable[[], None], wraps: list, n: int, device: torch.device) -> dict[str, float]:
+    """Seconds per step of each phase over n steps: each (owner, attribute, phase) of `wraps`
+    routed, in place, through a wall clock that synchronises the device at both ends. Run
+    last (bench only): the timed blocks and the trainer's step never synchronise."""
+    seconds: dict[str, float] = defaultdict(float)
+
+    def clocked(inner: Callable, name: str) -> Callable:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            sync(device)
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            sync(device)
+            seconds[name] += time.perf_counter() - start
+            return out
+        return wrapped
+    for owner, attr, name in wraps:
+        setattr(owner, attr, clocked(getattr(owner, attr), name))
+    clocked(lambda: [step() for _ in range(n)], "total")()
+    return {k: v / n for k, v in seconds.items()}
 
 
 def worker(args) -> None:
@@ -138,9 +119,8 @@ def worker(args) -> None:
     trainer = Trainer(bench_job(Path(args.run_dir), Path(args.shards), precision=args.precision, **{
         "deepspeed.zero_stage": args.zero_stage, "train.schedule_sampler": sampler, **args.fields}))
     trainer._batches = iter(trainer.data)
-    clocks = {"bare": PhaseClock(device), "service": PhaseClock(device)}
-    steps = {"bare": bare_step(trainer.job, device, world, clocks["bare"]),
-             "service": service_step(trainer, clocks["service"])}
+    loops = {"bare": bare_step(trainer.job, device, world), "service": service_step(trainer)}  # (step, wraps)
+    steps = {name: step for name, (step, _) in loops.items()}
     warm = {name: per_step(step, WARMUP, device) * WARMUP for name, step in steps.items()}
 
     def service_block() -> float:  # the run logs its own metrics for each timed block (collective)
@@ -151,9 +131,9 @@ def worker(args) -> None:
     times = alternate({"bare": lambda: per_step(steps["bare"], args.steps, device), "service": service_block},
                       BLOCKS, barrier)
     phases = {}
-    for name in steps if args.phases else []:
+    for name, (step, wraps) in loops.items() if args.phases else []:
         barrier()
-        phases[name] = clocks[name].measure(steps[name], args.steps)
+        phases[name] = phase_pass(step, wraps, args.steps, device)
     trainer.data.close()
     if env.is_main():
         logged = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
