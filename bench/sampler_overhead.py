@@ -19,11 +19,8 @@ from iddpm_ds.testing import ReferenceSecondMoment
 
 T, H, UNIFORM_PROB, BATCHES = 1000, 10, 0.001, (16, 256)
 WORK_S = 0.02  # host-idle time per step standing in for a GPU backward (a real one is longer)
-
-
-def steps(batch: int, quick: bool) -> tuple[int, int]:
-    """Timed steps per batch size: back to back, and with work between steps."""
-    return {16: (20, 5), 256: (5, 2)}[batch] if quick else {16: (200, 50), 256: (50, 25)}[batch]
+STEPS = {False: {16: (200, 50), 256: (50, 25)},  # timed steps per batch: back to back, with work
+         True: {16: (20, 5), 256: (5, 2)}}       # --quick
 
 
 def _make_samplers(rank: int, batch: int) -> dict:
@@ -60,7 +57,7 @@ def worker(quick: bool) -> None:
     timed = partial(per_step, warmup=3, barrier=dist.barrier)
     np.random.seed(rank)
     for batch in BATCHES:
-        samplers, (n, n_work) = _make_samplers(rank, batch), steps(batch, quick)
+        samplers, (n, n_work) = _make_samplers(rank, batch), STEPS[quick][batch]
         row = [timed(_sampler_step(samplers[name], batch, n_steps, work_s), n_steps)
                for work_s, n_steps in ((0.0, n), (WORK_S, n_work)) for name in ("reference", "ours")]
         packet, out = torch.zeros(2 * batch, dtype=torch.int64), torch.empty(2 * batch * world, dtype=torch.int64)
@@ -110,7 +107,7 @@ def main() -> None:
     torch.set_num_threads(1)
     for world in worlds:
         for batch in BATCHES:
-            ref, ours = _compute_only(world, batch, steps(batch, args.quick)[0])
+            ref, ours = _compute_only(world, batch, STEPS[args.quick][batch][0])
             print(f"{world:>5} {batch:>5} {ref * 1e3:>13.3f} {ours * 1e3:>12.3f} {ref / ours:>6.1f}x")
     for _, _, ref, ours, ref_work, ours_work, _ in (r for r in rows if r[:2] == [4, 256]):
         print(f"batch 256, world 4: {ref / ours:.1f}x less overhead back to back, "
