@@ -1,5 +1,5 @@
-"""Shared pieces of the benchmarks (docs/benchmarks.md): the CLI, torchrun workers, and
-alternating paired timing."""
+"""Shared pieces of the benchmarks (docs/benchmarks.md): the CLI, torchrun workers,
+alternating paired timing and the Markdown tables they print."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -20,10 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def cli(doc: str, threads: int | None = os.cpu_count() or 1) -> argparse.ArgumentParser:
     """A benchmark's parser: its docstring as help, --threads (unless None), and the hidden
     --worker JSON (the parent's settings) that run_workers passes to its processes."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     if threads is not None:
-        parser.add_argument("--threads", type=int, default=threads, help="CPU threads shared by the ranks")
-    parser.add_argument("--worker", type=lambda s: argparse.Namespace(**json.loads(s)), help=argparse.SUPPRESS)
+        parser.add_argument("--threads", type=int, default=threads,
+                            help="CPU threads shared by the ranks")
+    parser.add_argument("--worker", type=lambda s: argparse.Namespace(**json.loads(s)),
+                        help=argparse.SUPPRESS)
     return parser
 
 
@@ -43,8 +46,9 @@ def run_workers(module: str, world: int, settings: dict, threads: int, what: str
 
 
 def result(payload: dict) -> None:
-    """What a worker hands back to run_workers (rank 0 only)."""
-    print("RESULT " + json.dumps(payload), flush=True)
+    """What a worker hands back to run_workers: rank 0's (the other ranks print nothing)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print("RESULT " + json.dumps(payload), flush=True)
 
 
 def sync(device: torch.device | None) -> None:
@@ -86,3 +90,12 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
     """Median of per-block speed ratios (den time / num time): a burst of noise mostly
     cancels inside its block pair."""
     return statistics.median(d / n for n, d in zip(num, den))
+
+
+def table(header: str, rows: Iterable[Iterable[Any]]) -> str:
+    """A Markdown table as docs/*.md show it. header: "a | b: | c", a name ending in ":"
+    right-aligned; rows: cells, formatted by the caller."""
+    names = [h.strip() for h in header.split("|")]
+    lines = ["| " + " | ".join(n.rstrip(":") for n in names) + " |",
+             "|" + "".join("---:|" if n.endswith(":") else "---|" for n in names)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from bench.common import ROOT, cli
+from bench.common import ROOT, cli, table
 
 DASH = "—"
+VERDICT = {"failure": "FAIL", "error": "FAIL", "skipped": "SKIP"}  # a junit-xml outcome's tag
 
 
 def run_pytest(gpu: bool, extra: list[str], xml: Path) -> int:
@@ -29,28 +30,23 @@ def run_pytest(gpu: bool, extra: list[str], xml: Path) -> int:
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 
-def table(xml: Path) -> tuple[str, bool]:
-    """The Markdown table of the junit-xml report, and whether any row failed."""
-    lines = ["| check | result | s (budget) | peak memory | img/s | MFU | detail |",
-             "|---|---|---:|---:|---:|---:|---|"]
-    failed = False
-    for case in ElementTree.parse(xml).getroot().iter("testcase"):
-        props = {p.get("name"): p.get("value") for p in case.iter("property")}
-        outcome = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
-        status = {"failure": "FAIL", "error": "FAIL", "skipped": "SKIP"}.get(getattr(outcome, "tag", ""), "PASS")
-        failed |= status == "FAIL"
-        detail = props.get("detail", "") if outcome is None else (outcome.get("message") or "").splitlines()[0][:300]
-        budget = f" ({float(props['budget_s']):.0f})" if "budget_s" in props else ""
-        memory = DASH
-        if "peak_bytes" in props:
-            cpu_note = " (CPU max RSS)" if props.get("memory_kind") == "cpu_max_rss" else ""
-            memory = f"{int(props['peak_bytes']) / 2**30:.2f} GiB{cpu_note}"
-        mfu = props.get("mfu")
-        lines.append(" | ".join([
-            f"| {props.get('row', case.get('name'))}", status, f"{float(case.get('time', 0)):.0f}{budget}", memory,
+def row(case: ElementTree.Element) -> list[str]:
+    """One junit-xml test case as the table's cells (its properties: what report() recorded)."""
+    props = {p.get("name"): p.get("value") for p in case.iter("property")}
+    outcome = next((c for c in case if c.tag in VERDICT), None)
+    status = VERDICT[outcome.tag] if outcome is not None else "PASS"
+    detail = props.get("detail", "") if outcome is None else (outcome.get("message") or "")
+    budget = f" ({float(props['budget_s']):.0f})" if "budget_s" in props else ""
+    memory = DASH
+    if "peak_bytes" in props:
+        cpu_note = " (CPU max RSS)" if props.get("memory_kind") == "cpu_max_rss" else ""
+        memory = f"{int(props['peak_bytes']) / 2**30:.2f} GiB{cpu_note}"
+    mfu = props.get("mfu")
+    return [props.get("row", case.get("name")), status,
+            f"{float(case.get('time', 0)):.0f}{budget}", memory,
             f"{float(props['img_s']):.1f}" if "img_s" in props else DASH,
-            f"{float(mfu):.1%}" if mfu not in (None, "None") else DASH, detail.replace("|", "/")]) + " |")
-    return "\n".join(lines), failed
+            f"{float(mfu):.1%}" if mfu not in (None, "None") else DASH,
+            (detail.splitlines() or [""])[0][:300].replace("|", "/")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,13 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         code = run_pytest(gpu, args.pytest_args, Path(tmp) / "gpu.xml")
         if not (Path(tmp) / "gpu.xml").is_file():
             return code or 1
-        markdown, failed = table(Path(tmp) / "gpu.xml")
+        rows = [row(case) for case in ElementTree.parse(Path(tmp) / "gpu.xml").iter("testcase")]
     import deepspeed
 
     device = f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}" if gpu else "CPU (dry run)"
     print(f"\ngpu_check on {device}, torch {torch.__version__}, DeepSpeed {deepspeed.__version__}: "
-          f"{time.perf_counter() - began:.0f} s in all\n\n{markdown}")
-    return 1 if failed or code not in (0, 5) else 0
+          f"{time.perf_counter() - began:.0f} s in all\n")
+    print(table("check | result | s (budget): | peak memory: | img/s: | MFU: | detail", rows))
+    return 1 if any(r[1] == "FAIL" for r in rows) or code not in (0, 5) else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Overhead of the loss-aware timestep sampler per step, ours vs the reference's; docs/timestep_sampler.md
-explains each view.
+"""Overhead of the loss-aware timestep sampler per step, ours vs the reference's;
+docs/timestep_sampler.md explains each view.
 
-    python -m bench.sampler_overhead [--quick] [--worlds 1,2,4]
+    python -m bench.sampler_overhead [--quick] [--world 1 2 4]
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bench.common import cli, per_step, result, run_workers
+from bench.common import cli, per_step, result, run_workers, table
 from iddpm_ds.diffusion.timestep_sampler import LossSecondMomentResampler
 from iddpm_ds.testing import ReferenceSecondMoment
 
@@ -63,8 +63,7 @@ def worker(quick: bool) -> None:
         packet, out = torch.zeros(2 * batch, dtype=torch.int64), torch.empty(2 * batch * world, dtype=torch.int64)
         gather = (lambda: dist.all_gather_into_tensor(out, packet))  # the floor: one bare collective
         rows.append([world, batch, *row, timed(gather, n) if world > 1 else 0.0])
-    if rank == 0:
-        result({"rows": rows})
+    result({"rows": rows})
     dist.barrier()
     dist.destroy_process_group()
 
@@ -89,30 +88,28 @@ def _compute_only(world: int, batch: int, steps: int) -> tuple[float, float]:
 def main() -> None:
     parser = cli(__doc__)
     parser.add_argument("--quick", action="store_true", help="few steps, smoke test only")
-    parser.add_argument("--worlds", default="1,2,4", help="comma-separated world sizes")
+    parser.add_argument("--world", type=int, nargs="+", default=[1, 2, 4], help="world sizes")
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker.quick)
-    worlds = [int(w) for w in args.worlds.split(",")]
-    rows = [row for w in worlds for row in run_workers("bench.sampler_overhead", w, vars(args), w, "sampler")["rows"]]
-    print(f"loss-aware sampler overhead per step (sample + update), T={T}, history={H}, "
-          "gloo, CPU, 1 thread per rank")
-    print(f"{'world':>5} {'batch':>5} {'reference ms':>13} {'iddpm_ds ms':>12} {'ratio':>7} {'1 all-gather ms':>16}")
-    for world, batch, ref, ours, _, _, gather in rows:
-        print(f"{world:>5} {batch:>5} {ref * 1e3:>13.3f} {ours * 1e3:>12.3f} {ref / ours:>6.1f}x {gather * 1e3:>16.3f}")
-    print(f"same, with {WORK_S * 1e3:.0f} ms of host-idle work (a GPU backward) after each update, not counted:")
-    for world, batch, _, _, ref, ours, _ in rows:
-        print(f"{world:>5} {batch:>5} {ref * 1e3:>13.3f} {ours * 1e3:>12.3f} {ref / ours:>6.1f}x")
-    print("same, without communication (one process consuming what the gathers return):")
+    rows = [row for w in args.world
+            for row in run_workers("bench.sampler_overhead", w, vars(args), w, "sampler")["rows"]]
+    print(f"loss-aware sampler overhead per step (sample + update), T={T}, history={H}, gloo, "
+          f"CPU, 1 thread per rank; with work: {WORK_S * 1e3:.0f} ms of host-idle work (a GPU "
+          "backward) after each update, not counted; compute only: one process consuming what "
+          "the gathers return\n")
     torch.set_num_threads(1)
-    for world in worlds:
-        for batch in BATCHES:
-            ref, ours = _compute_only(world, batch, STEPS[args.quick][batch][0])
-            print(f"{world:>5} {batch:>5} {ref * 1e3:>13.3f} {ours * 1e3:>12.3f} {ref / ours:>6.1f}x")
+    views = {(w, b, "compute only"): (*_compute_only(w, b, STEPS[args.quick][b][0]), "-")
+             for w in args.world for b in BATCHES}
+    for world, batch, ref, ours, ref_work, ours_work, gather in rows:
+        views[world, batch, "back to back"] = ref, ours, f"{gather * 1e3:.3f}"
+        views[world, batch, "with work"] = ref_work, ours_work, "-"
+    print(table("world: | batch: | view | reference ms: | iddpm_ds ms: | ratio: | 1 all-gather ms:",
+                ([*key, f"{ref * 1e3:.3f}", f"{ours * 1e3:.3f}", f"{ref / ours:.1f}x", gather]
+                 for key, (ref, ours, gather) in sorted(views.items()))))
     for _, _, ref, ours, ref_work, ours_work, _ in (r for r in rows if r[:2] == [4, 256]):
-        print(f"batch 256, world 4: {ref / ours:.1f}x less overhead back to back, "
+        print(f"\nbatch 256, world 4: {ref / ours:.1f}x less overhead back to back, "
               f"{ref_work / ours_work:.1f}x with work between steps (target >= 10x)")
-
 
 if __name__ == "__main__":
     main()

@@ -3,10 +3,11 @@ then time per phase of both; --levers: one fresh world-1 process per lever row.
 docs/benchmarks.md explains every column.
 
     python -m bench.train_throughput [--world 1 2] [--steps 4] [--precision bf16] [--zero-stage 1]
-    python -m bench.train_throughput --levers [ROW ...]     # every lever row: ~10 min on 2 cores
+    python -m bench.train_throughput --levers [ROW ...]     # every lever row: ~14 min on 2 cores
 """
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -19,36 +20,42 @@ from typing import Any, Callable
 
 import torch
 
-from bench.common import alternate, cli, paired_ratio, per_step, result, run_workers, sync
+from bench.common import (alternate, cli, paired_ratio, per_step, result, run_workers, sync,
+                          table)
 from iddpm_ds.testing import bench_job, digits_shards
 
 BATCH = 16
-PHASES = ["data wait", "forward (losses)", "backward", "sampler (sample + update)", "optimizer step",
-          "EMA", "divergence guard", "metrics + preemption check"]
+PHASES = {  # phase: what it times, as attribute paths from the Trainer or the bare loop
+    "data wait": ["_next_batch"],
+    "forward (losses)": ["diffusion.training_losses"],
+    "backward": ["engine.backward"],
+    "sampler (sample + update)": [f"timestep_sampler.{name}" for name in
+                                  ("sample", "update_with_local_losses", "begin_step", "end_step")],
+    "optimizer step": ["engine.step"],
+    "EMA": ["ema.update"],
+    "divergence guard": [f"guard.{name}" for name in
+                         ("begin_step", "poison", "measure_grads", "end_step")],
+    "metrics + preemption check": ["losses.accumulate", "_after_step", "preempt.should_stop"],
+}
 OFF = {"train.adamw_kernel": "loop"}  # torch AdamW's own CPU default: the levers-off service
 MATH = {**OFF, "train.attention_kernel": "math"}
 ALL = {"train.adamw_kernel": "fused", "train.channels_last": True, "train.compile": True}
 BEST = {**MATH, "train.adamw_kernel": "fused"}  # what pays on this CPU (docs/benchmarks.md)
-LEVERS: dict[str, tuple[str, dict, str]] = {  # row: (precision, job fields, gain from)
-    "fp32": ("fp32", OFF, "baseline: the service with every lever off"),
-    "fp32 math attention": ("fp32", MATH, "explicit matmul + softmax instead of SDPA"),
-    "fp32 all levers": ("fp32", ALL, "fused AdamW + channels_last + compile"),
-    "fp32 best": ("fp32", BEST, "fused AdamW + math attention"),
-    "bf16": ("bf16", OFF, "bf16 weights and activations: bf16 matmul/conv"),
-    "bf16 math attention": ("bf16", MATH, "bf16 + the explicit attention"),
-    "bf16 all levers": ("bf16", ALL, "bf16 + fused AdamW + channels_last + compile"),
-    "bf16 best": ("bf16", BEST, "bf16 + fused AdamW + math attention"),
-    "bf16-mixed": ("bf16-mixed", OFF, "autocast: fp32 weights, bf16 torso convs"),
-    "bf16-mixed best": ("bf16-mixed", BEST, "bf16-mixed + fused AdamW + math attention"),
-}
+KERNELS = {"": (OFF, "every lever off"),  # row name suffix: (job fields, gain from)
+           " math attention": (MATH, "explicit matmul + softmax instead of SDPA"),
+           " all levers": (ALL, "fused AdamW + channels_last + compile"),
+           " best": (BEST, "fused AdamW + math attention")}
+LEVERS = {f"{precision}{suffix}": (precision, fields, gain)  # row: (precision, job fields, gain)
+          for precision in ("fp32", "bf16", "bf16-mixed")
+          for suffix, (fields, gain) in KERNELS.items()}
 BLOCKS, WARMUP = 5, 3  # alternating timed blocks per loop; untimed steps first (compilation)
 
 
-def bare_step(job, device: torch.device, world: int) -> tuple[Callable[[], None], list]:
+def bare_step(job, device: torch.device, world: int) -> tuple[Callable[[], None], Any]:
     """The baseline: what a hand-written loop does, nothing more. fp32 model,
     GaussianDiffusion.training_losses, torch AdamW with its defaults, the batch already in
     memory, uniform t; torch DDP (all-reduce overlapped with backward) at world size > 1.
-    Returns the step and its phases as phase_pass takes them."""
+    Returns the step and the loop's components under the Trainer's names (PHASES)."""
     from iddpm_ds import build_diffusion, build_model
 
     torch.manual_seed(0)
@@ -56,38 +63,19 @@ def bare_step(job, device: torch.device, world: int) -> tuple[Callable[[], None]
     model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     diffusion, opt = build_diffusion(job.diffusion), torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.rand(BATCH, 3, 32, 32, device=device) * 2 - 1  # [N, C, H, W]
-    loop = SimpleNamespace(backward=lambda loss: loss.backward(),  # DDP's all-reduce overlaps it
-                           optimizer=lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
+    engine = SimpleNamespace(backward=lambda loss: loss.backward(),  # DDP's all-reduce overlaps it
+                             step=lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
 
     def step() -> None:
         t = torch.randint(0, diffusion.num_timesteps, (BATCH,), device=device)
-        loop.backward(diffusion.training_losses(model, x, t)["loss"].mean())
-        loop.optimizer()
-    return step, [(diffusion, "training_losses", "forward (losses)"), (loop, "backward", "backward"),
-                  (loop, "optimizer", "optimizer step")]
+        engine.backward(diffusion.training_losses(model, x, t)["loss"].mean())
+        engine.step()
+    return step, SimpleNamespace(diffusion=diffusion, engine=engine)
 
 
-def service_step(trainer) -> tuple[Callable[[], None], list]:
-    """What Trainer.run does per step, and the components it calls as phase_pass takes them."""
-    wraps = [(trainer, "_next_batch", "data wait"), (trainer.diffusion, "training_losses", "forward (losses)"),
-             (trainer.engine, "backward", "backward"), (trainer.engine, "step", "optimizer step"),
-             (trainer.ema, "update", "EMA"), (trainer.losses, "accumulate", "metrics + preemption check"),
-             (trainer, "_after_step", "metrics + preemption check"),
-             (trainer.preempt, "should_stop", "metrics + preemption check")]
-    wraps += [(trainer.timestep_sampler, name, "sampler (sample + update)")
-              for name in ("sample", "update_with_local_losses", "begin_step", "end_step")]
-    wraps += [(trainer.guard, name, "divergence guard")
-              for name in ("begin_step", "poison", "measure_grads", "end_step")]
-
-    def step() -> None:
-        trainer.train_step()
-        trainer._after_step()
-        trainer.preempt.should_stop(trainer.step)
-    return step, wraps
-
-
-def phase_pass(step: Callable[[], None], wraps: list, n: int, device: torch.device) -> dict[str, float]:
-    """Seconds per step of each phase over n steps: each (owner, attribute, phase) of `wraps`
+def phase_pass(step: Callable[[], None], loop: Any, n: int,
+               device: torch.device) -> dict[str, float]:
+    """Seconds per step of each phase over n steps: each of `loop`'s components in PHASES
     routed, in place, through a wall clock that synchronises the device at both ends. Run
     last (bench only): the timed blocks and the trainer's step never synchronise."""
     seconds: dict[str, float] = defaultdict(float)
@@ -101,8 +89,12 @@ def phase_pass(step: Callable[[], None], wraps: list, n: int, device: torch.devi
             seconds[name] += time.perf_counter() - start
             return out
         return wrapped
-    for owner, attr, name in wraps:
-        setattr(owner, attr, clocked(getattr(owner, attr), name))
+    for name, path in ((name, p.split(".")) for name, paths in PHASES.items() for p in paths):
+        owner = functools.reduce(lambda o, attr: getattr(o, attr, None), path[:-1], loop)
+        if hasattr(owner, path[-1]):
+            setattr(owner, path[-1], clocked(getattr(owner, path[-1]), name))
+        elif not isinstance(loop, SimpleNamespace):  # the Trainer has every one: a rename
+            raise AttributeError(f"the Trainer has no {'.'.join(path)}: update PHASES")
     clocked(lambda: [step() for _ in range(n)], "total")()
     return {k: v / n for k, v in seconds.items()}
 
@@ -119,7 +111,12 @@ def worker(args) -> None:
     trainer = Trainer(bench_job(Path(args.run_dir), Path(args.shards), precision=args.precision, **{
         "deepspeed.zero_stage": args.zero_stage, "train.schedule_sampler": sampler, **args.fields}))
     trainer._batches = iter(trainer.data)
-    loops = {"bare": bare_step(trainer.job, device, world), "service": service_step(trainer)}  # (step, wraps)
+
+    def service() -> None:  # what Trainer.run does per step
+        trainer.train_step()
+        trainer._after_step()
+        trainer.preempt.should_stop(trainer.step)
+    loops = {"bare": bare_step(trainer.job, device, world), "service": (service, trainer)}
     steps = {name: step for name, (step, _) in loops.items()}
     warm = {name: per_step(step, WARMUP, device) * WARMUP for name, step in steps.items()}
 
@@ -131,9 +128,9 @@ def worker(args) -> None:
     times = alternate({"bare": lambda: per_step(steps["bare"], args.steps, device), "service": service_block},
                       BLOCKS, barrier)
     phases = {}
-    for name, (step, wraps) in loops.items() if args.phases else []:
+    for name, (step, loop) in loops.items() if args.phases else []:
         barrier()
-        phases[name] = phase_pass(step, wraps, args.steps, device)
+        phases[name] = phase_pass(step, loop, args.steps, device)
     trainer.data.close()
     if env.is_main():
         logged = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -154,24 +151,25 @@ def launch(args, world: int, shards: Path, precision: str, fields: dict, phases:
 
 
 def report(results: list[dict]) -> None:
-    print("| world size | sampler | bare fp32 img/s | service img/s | ratio |\n|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['world']} ({r['threads']} thread(s) per rank) | {r['sampler']} | {r['bare']:.2f} "
-              f"| {r['service']:.2f} | {r['ratio']:.3f} |")
-    for r in results:
+    """The throughput table, the service's own logged metrics and the phase table."""
+    print(table("world size | sampler | bare fp32 img/s | service img/s | ratio", (
+        [f"{r['world']} ({r['threads']} thread(s) per rank)", r["sampler"], f"{r['bare']:.2f}",
+         f"{r['service']:.2f}", f"{r['ratio']:.3f}"] for r in results)))
+    rows = []
+    for r in results:  # medians over the timed blocks
         logged, mfu = r["logged"], [x["mfu"] for x in r["logged"] if x["mfu"] is not None]
-        print(f"world {r['world']}, the service's logged metrics (median of the timed blocks): "
-              f"{logged[-1]['flops_per_image'] / 1e9:.2f} GFLOP/image, "
-              f"{statistics.median(x['tflops_per_s_per_rank'] for x in logged):.3f} TFLOP/s per rank, MFU "
-              + (f"{statistics.median(mfu):.1%} of {logged[-1]['peak_tflops_per_s']:.0f} TFLOP/s" if mfu
-                 else "n/a (no data-sheet peak)")
-              + f", peak memory {max(logged[-1]['memory_mb_per_rank']):.0f} MB per rank ({logged[-1]['memory_kind']})")
+        rows.append([r["world"], f"{logged[-1]['flops_per_image'] / 1e9:.2f}",
+                     f"{statistics.median(x['tflops_per_s_per_rank'] for x in logged):.3f}",
+                     f"{statistics.median(mfu):.1%} of {logged[-1]['peak_tflops_per_s']:.0f} "
+                     "TFLOP/s" if mfu else "n/a (no data-sheet peak)",
+                     f"{max(logged[-1]['memory_mb_per_rank']):.0f} ({logged[-1]['memory_kind']})"])
+    print("\n" + table("world size | GFLOP/image | TFLOP/s per rank | MFU | peak MB per rank",
+                       rows))
     cols = [(k, r) for r in results for k in ("bare", "service")]
-    print("\n| phase (ms per step, device synced at each boundary) | "
-          + " | ".join(f"{k}, world {r['world']}" for k, r in cols) + " |\n|---|" + "---|" * len(cols))
-    for phase in PHASES + ["total"]:
-        print(f"| {phase} | " + " | ".join(f"{1e3 * r['phases'][k][phase]:.1f}" if phase in r["phases"][k]
-                                           else "-" for k, r in cols) + " |")
+    print("\n" + table("phase (ms per step, device synced at each boundary) | " + " | ".join(
+        f"{k}, world {r['world']}" for k, r in cols), ([phase] + [
+            f"{1e3 * r['phases'][k][phase]:.1f}" if phase in r["phases"][k] else "-"
+            for k, r in cols] for phase in [*PHASES, "total"])))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,12 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.levers is None:
             report([launch(args, world, shards, args.precision, {}, True) for world in args.world])
             return 0
-        print("| row | service img/s | bare fp32 img/s | ratio | warm-up s | gain from |\n|---|---|---|---|---|---|")
+        rows = []
         for name in args.levers or list(LEVERS):
             precision, fields, gain = LEVERS[name]
             r = launch(args, 1, shards, precision, fields, phases=False)
-            print(f"| {name} | {r['service']:.2f} | {r['bare']:.2f} | {r['ratio']:.2f} "
-                  f"| {r['warmup_s']['service']:.0f} | {gain} |", flush=True)
+            rows.append([name, f"{r['service']:.2f}", f"{r['bare']:.2f}", f"{r['ratio']:.2f}",
+                         f"{r['warmup_s']['service']:.0f}", gain])
+    print(table("row | service img/s | bare fp32 img/s | ratio | warm-up s | gain from", rows))
     return 0
 
 
