@@ -10,7 +10,6 @@ rate on one core and the bytes per sample (docs/benchmarks.md).
 """
 from __future__ import annotations
 
-import io
 import statistics
 import tempfile
 import time
@@ -21,11 +20,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from bench.common import ROOT, alternate, cli, paired_ratio
+from bench.common import ROOT, alternate, cli, paired_ratio, table
 from iddpm_ds.data import build_train_stream
-from iddpm_ds.data.shards import Item, WriteOptions, folder_items, write_items
+from iddpm_ds.data.shards import WriteOptions, folder_items, write_items
 from iddpm_ds.spec.data import DataSpec
 from iddpm_ds.spec.job import load_job
+from iddpm_ds.testing import reference_preprocess, reference_scale
 from iddpm_ds.train.flops import PEAK_FLOPS, train_flops_per_image
 
 KINDS = {"original": "original JPEGs, decode + resize per read",
@@ -34,25 +34,17 @@ KINDS = {"original": "original JPEGs, decode + resize per read",
 GPUS_PER_NODE = 8
 
 
-def make_images(folder: Path, count: int, seed: int = 0) -> None:
-    """Smooth random JPEGs (realistic compression), sizes 40-96 px, files cls{k}_{i}.jpg."""
-    rng = np.random.default_rng(seed)
+def make_images(folder: Path, count: int, sides: tuple[int, int] = (40, 96)) -> None:
+    """Smooth random JPEGs q90 (coarse noise, bilinear up, a little grain: realistic
+    compression), sides drawn from `sides`, files part{i % 7}/cls{i % 10}_{i}.jpg."""
+    rng = np.random.default_rng(0)
     for i in range(count):
         (sub := folder / f"part{i % 7}").mkdir(parents=True, exist_ok=True)
-        size = tuple(int(v) for v in rng.integers(40, 97, size=2))
-        coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
-        coarse.resize(size, Image.Resampling.BILINEAR).save(sub / f"cls{i % 10}_{i:06d}.jpg", quality=90)
-
-
-def reference_preprocess(image: Image.Image, resolution: int) -> np.ndarray:
-    """The reference's resize (BOX halvings, then BICUBIC) + centre crop -> uint8 [H, W, 3]."""
-    while min(*image.size) >= 2 * resolution:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = resolution / min(*image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    arr = np.array(image.convert("RGB"))
-    top, left = (arr.shape[0] - resolution) // 2, (arr.shape[1] - resolution) // 2
-    return arr[top:top + resolution, left:left + resolution]
+        size = tuple(int(v) for v in rng.integers(sides[0], sides[1] + 1, size=2))
+        coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        pixels = np.asarray(coarse.resize(size, Image.Resampling.BILINEAR), dtype=np.int16)
+        pixels = np.clip(pixels + rng.integers(-6, 7, pixels.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(sub / f"cls{i % 10}_{i:06d}.jpg", quality=90)
 
 
 class _PerFileDataset(Dataset):
@@ -77,8 +69,7 @@ class _PerFileDataset(Dataset):
                 image = Image.open(fh)
                 image.load()
             arr = reference_preprocess(image, self.resolution)
-        arr = arr.astype(np.float32) / 127.5 - 1
-        return np.transpose(arr, [2, 0, 1]), {"y": np.array(self.classes[idx], dtype=np.int64)}
+        return reference_scale(arr), {"y": np.array(self.classes[idx], dtype=np.int64)}
 
 
 def epoch(reader: str, path: Path, resolution: int, batch: int, workers: int) -> float:
@@ -97,33 +88,19 @@ def epoch(reader: str, path: Path, resolution: int, batch: int, workers: int) ->
     return (time.perf_counter() - start) / seen
 
 
-def _images(size: int, count: int, fmt: str) -> list[Item]:
-    """Square smooth random images (coarse noise, bilinear up, a little grain), encoded as fmt."""
-    rng, items = np.random.default_rng(size), []
-    for i in range(count):
-        coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-        pixels = np.asarray(coarse.resize((size, size), Image.Resampling.BILINEAR), dtype=np.int16)
-        pixels = np.clip(pixels + rng.integers(-6, 7, pixels.shape), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="PNG" if fmt == "png" else "JPEG", quality=90)
-        items.append(Item(lambda data=buf.getvalue(): (fmt, data), str(i % 10), f"#{i}", i % 10))
-    return items
-
-
-def decode_rate(folder: Path, size: int, fmt: str, images: int) -> tuple[float, float]:
-    """(images/s of one reader process: one core, shard bytes per sample) at `size` (a third
-    of the images above 64 px), start-up not counted."""
+def decode_rates(folder: Path, size: int, images: int) -> dict[str, tuple[float, float]]:
+    """Per way of storing (png: iddpm-shards --image-size, jpg: the originals): images/s of
+    one reader process (one core; the index read, about 1 ms, included) and shard bytes per
+    sample, at `size` (a third of the images above 64 px)."""
     count = images if size <= 64 else max(100, images // 3)
-    options = WriteOptions(shard_size=100, shuffle=False, progress=False)
-    index = write_items(_images(size, count, fmt), folder / f"{fmt}{size}", options, "bench.data_throughput")
-    spec = DataSpec(shards=f"{folder}/{fmt}{size}/index.json#train", num_workers=0, shuffle_buffer=0)
-    stream = build_train_stream(spec, image_size=size, class_cond=True, batch_size=50, rank=0,
-                                world_size=1, seed=0)
-    start = time.perf_counter()
-    seen = sum(x.shape[0] for _, (x, _) in zip(range(stream.batches_per_epoch), stream))
-    rate = seen / (time.perf_counter() - start)
-    stream.close()
-    return rate, sum(s["bytes"] for s in index["splits"]["train"]["shards"]) / count
+    make_images(folder / "originals", count, (size, size))
+    out = {}
+    for fmt, options in (("png", {"image_size": size}), ("jpg", {})):
+        index = write_items(folder_items(folder / "originals"), folder / fmt,
+                            WriteOptions(shard_size=100, progress=False, **options), "bench")
+        stored = sum(s["bytes"] for s in index["splits"]["train"]["shards"]) / count
+        out[fmt] = 1 / epoch("shards", folder / fmt / "index.json", size, 50, 0), stored
+    return out
 
 
 def prepare(tmp: Path, count: int, resolution: int) -> dict[str, tuple[Path, Path]]:
@@ -147,20 +124,20 @@ def capacity(images: int, mfu: float) -> None:
     """The capacity table: GPU appetite per paper job against one core's decode rate."""
     specs = {p.stem: load_job(p) for p in sorted((ROOT / "launch/jobs/paper").glob("*.yaml"))}
     with tempfile.TemporaryDirectory() as tmp:
-        decode = {(size, fmt): decode_rate(Path(tmp), size, fmt, images) for fmt in ("png", "jpg")
+        decode = {size: decode_rates(Path(tmp) / str(size), size, images)
                   for size in sorted({j.model.image_size for j in specs.values()})}
-    print(f"| job | px | GFLOP/img (fwd+bwd) | img/s per H200 at {mfu:.0%} MFU | stored as | "
-          "decode img/s per core | cores per 8-GPU node | kB/sample | network per node |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    rows = []
     for name, job in specs.items():
         flops, size = train_flops_per_image(job), job.model.image_size
         gpu_rate = mfu * PEAK_FLOPS["H200"]["bf16"] / flops
-        for fmt in ("png", "jpg"):
-            rate, per_sample = decode[size, fmt]
+        for fmt, (rate, per_sample) in decode[size].items():
             net = GPUS_PER_NODE * gpu_rate * per_sample
-            print(f"| {name} | {size} | {flops / 1e9:.0f} | {gpu_rate:.0f} | {fmt} | {rate:.0f} | "
-                  f"{GPUS_PER_NODE * gpu_rate / rate:.1f} | {per_sample / 1e3:.1f} | {net / 1e6:.1f} MB/s "
-                  f"({net * 8 / 1e9:.2f} Gbit/s) |")
+            rows.append([name, size, f"{flops / 1e9:.0f}", f"{gpu_rate:.0f}", fmt, f"{rate:.0f}",
+                         f"{GPUS_PER_NODE * gpu_rate / rate:.1f}", f"{per_sample / 1e3:.1f}",
+                         f"{net / 1e6:.1f} MB/s ({net * 8 / 1e9:.2f} Gbit/s)"])
+    print(table(f"job | px: | GFLOP/img (fwd+bwd): | img/s per H200 at {mfu:.0%} MFU: | "
+                "stored as | decode img/s per core: | cores per 8-GPU node: | kB/sample: | "
+                "network per node:", rows))
 
 
 def main() -> None:
@@ -180,15 +157,18 @@ def main() -> None:
         data = prepare(Path(tmp), count, res)
         print(f"{count} images: generated, pre-sized and sharded in {time.perf_counter() - began:.0f} s; "
               f"{args.repeats} pass(es) per reader per row, median of per-pair ratios")
-        print(f"{'stored as':<44} {'workers':>7} {'per-file img/s':>14} {'shards img/s':>12} {'ratio':>6}"
-              "  vs per-file originals, 1 worker")
+        rows = []
         for (kind, (folder, index)), workers in ((item, w) for item in data.items() for w in (1, 2)):
             secs = alternate({"files": lambda: epoch("files", folder, res, batch, workers),
-                              "shards": lambda: epoch("shards", index, res, batch, workers)}, args.repeats)
+                              "shards": lambda: epoch("shards", index, res, batch, workers)},
+                             args.repeats)
             rates = {k: 1 / statistics.median(v) for k, v in secs.items()}
             base = rates["files"] if (kind, workers) == ("original", 1) else base
-            print(f"{KINDS[kind]:<44} {workers:>7} {rates['files']:14.0f} {rates['shards']:12.0f} "
-                  f"{paired_ratio(secs['shards'], secs['files']):5.2f}x  {rates['shards'] / base:5.2f}x")
+            rows.append([KINDS[kind], workers, f"{rates['files']:.0f}", f"{rates['shards']:.0f}",
+                         f"{paired_ratio(secs['shards'], secs['files']):.2f}x",
+                         f"{rates['shards'] / base:.2f}x"])
+    print(table("stored as | workers: | per-file img/s: | shards img/s: | ratio: | "
+                "shards vs per-file originals, 1 worker:", rows))
 
 
 if __name__ == "__main__":

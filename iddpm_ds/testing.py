@@ -1,5 +1,5 @@
 """Tiny jobs and shards for the tests and the benchmarks: one factory, a few overrides; and
-the reference timestep sampler that both check and time ours against.
+the reference's preprocessing and timestep sampler that both check and time ours against.
 
 It lives in the package (as torch.testing and numpy.testing do) because the tests, the
 benchmarks (python -m bench.x, their torchrun workers) and a GPU machine that only
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .spec.job import JobSpec
 
@@ -102,6 +103,24 @@ def random_shards(folder: Path, image_size: int, count: int) -> Path:
                     WriteOptions(image_size=image_size, raw=True, eval_count=count // 8,
                                  progress=False), "iddpm_ds.testing")
     return folder
+
+
+def reference_preprocess(image: Image.Image, resolution: int) -> np.ndarray:
+    """The reference loader's resize written out plainly, independent of iddpm_ds.data (the
+    tests check the reader against it, bench.data_throughput's per-file baseline runs it):
+    BOX halvings, then BICUBIC, then a centre crop -> uint8 [H, W, 3]."""
+    while min(*image.size) >= 2 * resolution:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = resolution / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.array(image.convert("RGB"))
+    top, left = (arr.shape[0] - resolution) // 2, (arr.shape[1] - resolution) // 2
+    return arr[top:top + resolution, left:left + resolution]
+
+
+def reference_scale(arr: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> what the reference loader yields: float32 [C, H, W] in [-1, 1]."""
+    return np.transpose(arr.astype(np.float32) / 127.5 - 1, [2, 0, 1])
 
 
 class ReferenceSecondMoment:
