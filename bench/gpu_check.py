@@ -1,14 +1,10 @@
-"""The GPU check: `pytest -m gpu` (the rows of tests/test_gpu_check.py and the other GPU
-tests), printed as one Markdown table for docs/benchmarks.md. Exit status 1 if a row fails.
+"""The GPU check: `pytest -m gpu` printed as one Markdown table (docs/benchmarks.md); exit
+status 1 if a row fails.
 
-    bash bench/gpu_check.sh                  # GPU machine: installs the carried wheels, then this
-    python -m bench.gpu_check                # a GPU machine that has the dependencies
-    python -m bench.gpu_check --dry-run      # the same tests on CPU: GPU-only rows skip
-    python -m bench.gpu_check -- -k nccl     # pytest arguments after --
+    python -m bench.gpu_check [--dry-run] [-- PYTEST_ARGS]   # bash bench/gpu_check.sh on a GPU machine
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -19,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import ROOT, cli, table
+
 DASH = "—"
+VERDICT = {"failure": "FAIL", "error": "FAIL", "skipped": "SKIP"}  # a junit-xml outcome's tag
 
 
 def run_pytest(gpu: bool, extra: list[str], xml: Path) -> int:
@@ -32,41 +30,27 @@ def run_pytest(gpu: bool, extra: list[str], xml: Path) -> int:
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
 
-def table(xml: Path, gpu: bool) -> tuple[str, bool]:
-    """The Markdown table of the junit-xml report, and whether any row failed."""
-    lines = ["| check | result | s (budget) | peak memory | img/s | MFU | detail |", "|---|---|---:|---:|---:|---:|---|"]
-    failed = False
-    for case in ElementTree.parse(xml).getroot().iter("testcase"):
-        props = {p.get("name"): p.get("value") for p in case.iter("property")}
-        outcome = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
-        status = {"failure": "FAIL", "error": "FAIL", "skipped": "SKIP"}.get(getattr(outcome, "tag", ""), "PASS")
-        failed |= status == "FAIL"
-        detail = props.get("detail", "") if outcome is None else (outcome.get("message") or "").splitlines()[0][:300]
-        budget = f" ({float(props['budget_s']):.0f})" if "budget_s" in props else ""
-        memory = DASH
-        if "peak_bytes" in props:
-            cpu_note = " (CPU max RSS)" if props.get("memory_kind") == "cpu_max_rss" else ""
-            memory = f"{int(props['peak_bytes']) / 2**30:.2f} GiB{cpu_note}"
-        mfu = props.get("mfu")
-        lines.append(" | ".join([
-            f"| {props.get('row', case.get('name'))}", status, f"{float(case.get('time', 0)):.0f}{budget}", memory,
+def row(case: ElementTree.Element) -> list[str]:
+    """One junit-xml test case as the table's cells (its properties: what report() recorded)."""
+    props = {p.get("name"): p.get("value") for p in case.iter("property")}
+    outcome = next((c for c in case if c.tag in VERDICT), None)
+    status = VERDICT[outcome.tag] if outcome is not None else "PASS"
+    detail = props.get("detail", "") if outcome is None else (outcome.get("message") or "")
+    budget = f" ({float(props['budget_s']):.0f})" if "budget_s" in props else ""
+    memory = DASH
+    if "peak_bytes" in props:
+        cpu_note = " (CPU max RSS)" if props.get("memory_kind") == "cpu_max_rss" else ""
+        memory = f"{int(props['peak_bytes']) / 2**30:.2f} GiB{cpu_note}"
+    mfu = props.get("mfu")
+    return [props.get("row", case.get("name")), status,
+            f"{float(case.get('time', 0)):.0f}{budget}", memory,
             f"{float(props['img_s']):.1f}" if "img_s" in props else DASH,
-            f"{float(mfu):.1%}" if mfu not in (None, "None") else DASH, detail.replace("|", "/")]) + " |")
-    return "\n".join(lines), failed
-
-
-def machine_line(gpu: bool, seconds: float) -> str:
-    import deepspeed
-
-    device = "CPU (dry run)"
-    if gpu:
-        props = torch.cuda.get_device_properties(0)
-        device = f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
-    return f"gpu_check on {device}, torch {torch.__version__}, DeepSpeed {deepspeed.__version__}: {seconds:.0f} s in all"
+            f"{float(mfu):.1%}" if mfu not in (None, "None") else DASH,
+            (detail.splitlines() or [""])[0][:300].replace("|", "/")]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli(__doc__, threads=None)
     parser.add_argument("--dry-run", action="store_true", help="CPU: the GPU-only rows skip with the reason")
     parser.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
     args = parser.parse_args(argv)
@@ -79,9 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         code = run_pytest(gpu, args.pytest_args, Path(tmp) / "gpu.xml")
         if not (Path(tmp) / "gpu.xml").is_file():
             return code or 1
-        markdown, failed = table(Path(tmp) / "gpu.xml", gpu)
-    print(f"\n{machine_line(gpu, time.perf_counter() - began)}\n\n{markdown}")
-    return 1 if failed or code not in (0, 5) else 0
+        rows = [row(case) for case in ElementTree.parse(Path(tmp) / "gpu.xml").iter("testcase")]
+    import deepspeed
+
+    device = f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}" if gpu else "CPU (dry run)"
+    print(f"\ngpu_check on {device}, torch {torch.__version__}, DeepSpeed {deepspeed.__version__}: "
+          f"{time.perf_counter() - began:.0f} s in all\n")
+    print(table("check | result | s (budget): | peak memory: | img/s: | MFU: | detail", rows))
+    return 1 if any(r[1] == "FAIL" for r in rows) or code not in (0, 5) else 0
 
 
 if __name__ == "__main__":

@@ -1,101 +1,102 @@
-#!/usr/bin/env python
-"""Training-step throughput of the service against the bare loop (bench.common.Bare) timed
-in the same process, in alternating blocks, then time per phase of both (device synced at
-each phase boundary, here only), at world sizes 1 and 2 (sampler: uniform, then
-loss-second-moment). FLOPs, MFU and peak memory are the service run's own logged metrics.
---levers: one fresh world-1 process per lever row (compile caches and autocast state are
-process-wide). docs/benchmarks.md explains every column.
+"""Training-step throughput of the service against a bare torch loop timed in the same process,
+then time per phase of both; --levers: one fresh world-1 process per lever row.
+docs/benchmarks.md explains every column.
 
-    python -m bench.train_throughput [--world 1 2] [--steps 4] [--blocks 5] [--precision fp32]
-                                     [--zero-stage 0] [--workers 1] [--set train.compile=true]
-    python -m bench.train_throughput --levers                # every lever row (~10 min on 2 cores)
-    python -m bench.train_throughput --levers fp32 "bf16 best"
+    python -m bench.train_throughput [--world 1 2] [--steps 4] [--precision bf16] [--zero-stage 1]
+    python -m bench.train_throughput --levers [ROW ...]     # every lever row: ~14 min on 2 cores
 """
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import statistics
 import sys
 import tempfile
+import time
+from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
 
 import torch
 
-from bench.common import (BATCH, CONFIG_LINE, Bare, PhaseClock, alternate, bench_job, cli, digits_shards,
-                          paired_ratio, result, run_workers, timed)
+from bench.common import (alternate, cli, paired_ratio, per_step, result, run_workers, sync,
+                          table)
+from iddpm_ds.testing import bench_job, digits_shards
 
-PHASES = ["data wait", "forward (losses)", "backward", "sampler (sample + update)", "optimizer step",
-          "EMA", "divergence guard", "metrics + preemption check"]
-FUSED, MATH = 'train.adamw_kernel="fused"', 'train.attention_kernel="math"'
-OFF = ['train.adamw_kernel="loop"']  # torch AdamW's own CPU default: the levers-off service
-ALL = [FUSED, "train.channels_last=true", "train.compile=true"]
-BEST = [FUSED, MATH]  # what pays on this CPU (docs/benchmarks.md: channels_last, compile)
-LEVERS: dict[str, tuple[str, list[str], str]] = {  # row: (precision, job fields, gain from)
-    "fp32": ("fp32", OFF, "baseline: the service with every lever off"),
-    "fp32 fused AdamW": ("fp32", [FUSED], "one optimizer kernel instead of a Python loop"),
-    "fp32 foreach AdamW": ("fp32", ['train.adamw_kernel="foreach"'], "batched optimizer ops"),
-    "fp32 channels_last": ("fp32", OFF + ["train.channels_last=true"], "NHWC convolutions, no reorders"),
-    "fp32 math attention": ("fp32", OFF + [MATH], "explicit matmul + softmax instead of SDPA"),
-    "fp32 compile": ("fp32", OFF + ["train.compile=true"], "inductor fuses element-wise work"),
-    "fp32 all levers": ("fp32", ALL, "fused AdamW + channels_last + compile"),
-    "fp32 best": ("fp32", BEST, "fused AdamW + math attention"),
-    "bf16": ("bf16", OFF, "bf16 weights and activations: bf16 matmul/conv"),
-    "bf16 math attention": ("bf16", OFF + [MATH], "bf16 + the explicit attention"),
-    "bf16 best": ("bf16", BEST, "bf16 + fused AdamW + math attention"),
-    "bf16-mixed": ("bf16-mixed", OFF, "autocast: fp32 weights, bf16 torso convs"),
-    "bf16-mixed best": ("bf16-mixed", BEST, "bf16-mixed + fused AdamW + math attention"),
-    "bf16 all levers": ("bf16", ALL, "bf16 + fused AdamW + channels_last + compile"),
-    "bf16-mixed all levers": ("bf16-mixed", ALL, "bf16-mixed + fused AdamW + channels_last + compile"),
+BATCH = 16
+PHASES = {  # phase: what it times, as attribute paths from the Trainer or the bare loop
+    "data wait": ["_next_batch"],
+    "forward (losses)": ["diffusion.training_losses"],
+    "backward": ["engine.backward"],
+    "sampler (sample + update)": [f"timestep_sampler.{name}" for name in
+                                  ("sample", "update_with_local_losses", "begin_step", "end_step")],
+    "optimizer step": ["engine.step"],
+    "EMA": ["ema.update"],
+    "divergence guard": [f"guard.{name}" for name in
+                         ("begin_step", "poison", "measure_grads", "end_step")],
+    "metrics + preemption check": ["losses.accumulate", "_after_step", "preempt.should_stop"],
 }
+OFF = {"train.adamw_kernel": "loop"}  # torch AdamW's own CPU default: the levers-off service
+MATH = {**OFF, "train.attention_kernel": "math"}
+ALL = {"train.adamw_kernel": "fused", "train.channels_last": True, "train.compile": True}
+BEST = {**MATH, "train.adamw_kernel": "fused"}  # what pays on this CPU (docs/benchmarks.md)
+KERNELS = {"": (OFF, "every lever off"),  # row name suffix: (job fields, gain from)
+           " math attention": (MATH, "explicit matmul + softmax instead of SDPA"),
+           " all levers": (ALL, "fused AdamW + channels_last + compile"),
+           " best": (BEST, "fused AdamW + math attention")}
+LEVERS = {f"{precision}{suffix}": (precision, fields, gain)  # row: (precision, job fields, gain)
+          for precision in ("fp32", "bf16", "bf16-mixed")
+          for suffix, (fields, gain) in KERNELS.items()}
+BLOCKS, WARMUP = 5, 3  # alternating timed blocks per loop; untimed steps first (compilation)
 
 
-def instrument_service(trainer, clock: PhaseClock) -> None:
-    """Route each component the trainer's step calls through a phase clock (in place)."""
-    wraps = [(trainer, "_next_batch", "data wait"), (trainer.diffusion, "training_losses", "forward (losses)"),
-             (trainer.engine, "backward", "backward"), (trainer.engine, "step", "optimizer step"),
-             (trainer.ema, "update", "EMA"), (trainer.losses, "accumulate", "metrics + preemption check"),
-             (trainer, "_after_step", "metrics + preemption check"),
-             (trainer.preempt, "should_stop", "metrics + preemption check")]
-    wraps += [(trainer.timestep_sampler, name, "sampler (sample + update)")
-              for name in ("sample", "update_with_local_losses", "begin_step", "end_step")]
-    wraps += [(trainer.guard, name, "divergence guard") for name in ("begin_step", "poison", "measure_grads", "end_step")]
-    for owner, attr, name in wraps:
-        clock.wrap(owner, attr, name)
+def bare_step(job, device: torch.device, world: int) -> tuple[Callable[[], None], Any]:
+    """The baseline: what a hand-written loop does, nothing more. fp32 model,
+    GaussianDiffusion.training_losses, torch AdamW with its defaults, the batch already in
+    memory, uniform t; torch DDP (all-reduce overlapped with backward) at world size > 1.
+    Returns the step and the loop's components under the Trainer's names (PHASES)."""
+    from iddpm_ds import build_diffusion, build_model
+
+    torch.manual_seed(0)
+    model = build_model(job.model).to(device)  # fp32, sdpa attention: torch's defaults
+    model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    diffusion, opt = build_diffusion(job.diffusion), torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.rand(BATCH, 3, 32, 32, device=device) * 2 - 1  # [N, C, H, W]
+    engine = SimpleNamespace(backward=lambda loss: loss.backward(),  # DDP's all-reduce overlaps it
+                             step=lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
+
+    def step() -> None:
+        t = torch.randint(0, diffusion.num_timesteps, (BATCH,), device=device)
+        engine.backward(diffusion.training_losses(model, x, t)["loss"].mean())
+        engine.step()
+    return step, SimpleNamespace(diffusion=diffusion, engine=engine)
 
 
-def loops(trainer, bare: Bare, clock: PhaseClock) -> dict:
-    def service() -> None:  # what Trainer.run does per step
-        trainer.train_step()
-        trainer._after_step()
-        trainer.preempt.should_stop(trainer.step)
+def phase_pass(step: Callable[[], None], loop: Any, n: int,
+               device: torch.device) -> dict[str, float]:
+    """Seconds per step of each phase over n steps: each of `loop`'s components in PHASES
+    routed, in place, through a wall clock that synchronises the device at both ends. Run
+    last (bench only): the timed blocks and the trainer's step never synchronise."""
+    seconds: dict[str, float] = defaultdict(float)
 
-    def bare_step() -> None:
-        t = torch.randint(0, bare.diffusion.num_timesteps, (BATCH,), device=bare.device)
-        with clock.phase("forward (losses)"):
-            loss = bare.diffusion.training_losses(bare.model, bare.x, t)["loss"].mean()
-        with clock.phase("backward"):
-            loss.backward()  # DDP's gradient all-reduce overlaps this
-        with clock.phase("optimizer step"):
-            bare.opt.step()
-            bare.opt.zero_grad(set_to_none=True)
-    return {"bare": bare_step, "service": service}
-
-
-def phase_pass(steps: dict, clocks: dict, n: int, barrier) -> dict[str, dict[str, float]]:
-    """Seconds per step of each phase, clocks enabled (synchronising) for n steps."""
-    out = {}
-    for name, step in steps.items():
-        barrier()
-        clock = clocks[name]
-        clock.seconds.clear()
-        clock.enabled = True
-        with clock.phase("total"):
-            for _ in range(n):
-                step()
-        clock.enabled = False
-        out[name] = {k: v / n for k, v in clock.seconds.items()}
-    return out
+    def clocked(inner: Callable, name: str) -> Callable:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            sync(device)
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            sync(device)
+            seconds[name] += time.perf_counter() - start
+            return out
+        return wrapped
+    for name, path in ((name, p.split(".")) for name, paths in PHASES.items() for p in paths):
+        owner = functools.reduce(lambda o, attr: getattr(o, attr, None), path[:-1], loop)
+        if hasattr(owner, path[-1]):
+            setattr(owner, path[-1], clocked(getattr(owner, path[-1]), name))
+        elif not isinstance(loop, SimpleNamespace):  # the Trainer has every one: a rename
+            raise AttributeError(f"the Trainer has no {'.'.join(path)}: update PHASES")
+    clocked(lambda: [step() for _ in range(n)], "total")()
+    return {k: v / n for k, v in seconds.items()}
 
 
 def worker(args) -> None:
@@ -107,115 +108,97 @@ def worker(args) -> None:
     world, device = env.world_size(), placement.device()
     barrier = group.barrier if world > 1 else (lambda: None)
     sampler = "uniform" if world == 1 else "loss-second-moment"
-    fields = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     trainer = Trainer(bench_job(Path(args.run_dir), Path(args.shards), precision=args.precision, **{
-        "deepspeed.zero_stage": args.zero_stage, "data.num_workers": args.workers,
-        "train.schedule_sampler": sampler, **fields}))
+        "deepspeed.zero_stage": args.zero_stage, "train.schedule_sampler": sampler, **args.fields}))
     trainer._batches = iter(trainer.data)
-    clocks = {"bare": PhaseClock(device), "service": PhaseClock(device)}
-    instrument_service(trainer, clocks["service"])
-    steps = loops(trainer, Bare(trainer.job, device, world), clocks["bare"])
-    warm = {name: timed(step, args.warmup, device) * args.warmup for name, step in steps.items()}
-    times = alternate({k: (lambda s=s: timed(s, args.steps, device)) for k, s in steps.items()}, args.blocks, barrier)
-    phases = phase_pass(steps, clocks, args.steps, barrier) if args.phases else {}
-    trainer.log_metrics()  # the run's own utilisation record (collective; writes metrics.jsonl)
+
+    def service() -> None:  # what Trainer.run does per step
+        trainer.train_step()
+        trainer._after_step()
+        trainer.preempt.should_stop(trainer.step)
+    loops = {"bare": bare_step(trainer.job, device, world), "service": (service, trainer)}
+    steps = {name: step for name, (step, _) in loops.items()}
+    warm = {name: per_step(step, WARMUP, device) * WARMUP for name, step in steps.items()}
+
+    def service_block() -> float:  # the run logs its own metrics for each timed block (collective)
+        trainer._reset_timers()
+        seconds = per_step(steps["service"], args.steps, device)
+        trainer.log_metrics()
+        return seconds
+    times = alternate({"bare": lambda: per_step(steps["bare"], args.steps, device), "service": service_block},
+                      BLOCKS, barrier)
+    phases = {}
+    for name, (step, loop) in loops.items() if args.phases else []:
+        barrier()
+        phases[name] = phase_pass(step, loop, args.steps, device)
     trainer.data.close()
-    times = {k: _slowest_rank(v, world) for k, v in times.items()}
     if env.is_main():
-        logged = json.loads((trainer.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        logged = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
         result({"world": world, "sampler": sampler, "threads": torch.get_num_threads(), "times": times,
                 "phases": phases, "warmup_s": warm, "logged": logged})
     group.shutdown()
 
 
-def _slowest_rank(values: list[float], world: int) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if world > 1:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return tensor.tolist()
-
-
-def launch(args, world: int, shards: Path, precision: str, fields: list[str], phases: bool) -> dict:
-    """One run of `world` processes (torchrun); returns rank 0's result."""
+def launch(args, world: int, shards: Path, precision: str, fields: dict, phases: bool) -> dict:
+    """One run of `world` processes (torchrun); rank 0's result, with the speeds and ratio."""
     with tempfile.TemporaryDirectory() as run_dir:
-        argv = ["--shards", str(shards), "--run-dir", run_dir, "--precision", precision, "--zero-stage",
-                str(args.zero_stage), "--workers", str(args.workers), "--steps", str(args.steps), "--blocks",
-                str(args.blocks), "--warmup", str(args.warmup), *([] if phases else ["--no-phases"])]
-        return run_workers("bench.train_throughput", world, argv + [w for f in fields for w in ("--set", f)],
-                           args.threads, "the service bench")
+        settings = {**vars(args), "shards": shards, "run_dir": run_dir, "precision": precision,
+                    "fields": fields, "phases": phases}
+        res = run_workers("bench.train_throughput", world, settings, args.threads, "the service bench")
+    times = res["times"]
+    res.update({k: BATCH * world / statistics.median(times[k]) for k in times})  # img/s, all ranks
+    return {**res, "ratio": paired_ratio(times["service"], times["bare"])}
 
 
-def report(res: dict, args) -> None:
-    world, times, logged = res["world"], res["times"], res["logged"]
-    service = statistics.median(times["service"])
-    print(f"\n== world size {world}: {res['sampler']} sampler, service {args.precision} ZeRO-{args.zero_stage}, "
-          f"{args.workers} loader worker(s) and {res['threads']} thread(s) per rank {' '.join(args.set)}")
-    print(f"{'':>12} {'img/s (all ranks)':>18} {'ratio to bare':>14}   warm-up s")
-    for name, label in (("bare", "bare fp32"), ("service", "service")):
-        ratio = paired_ratio(times[name], times["bare"])
-        print(f"{label:>12} {BATCH * world / statistics.median(times[name]):18.2f} {ratio:14.3f}   "
-              f"{res['warmup_s'][name]:8.1f}")
-    achieved, peak = logged["flops_per_image"] * BATCH / service, logged["peak_tflops_per_s"]
-    print(f"service (its logged metrics): {logged['flops_per_image'] / 1e9:.2f} GFLOP/image, "
-          f"{achieved / 1e12:.3f} TFLOP/s per rank at the service's timed speed, MFU "
-          + (f"{achieved / peak / 1e12:.1%} of {peak:.0f} TFLOP/s" if peak else "n/a (no data-sheet peak)")
-          + f"; peak memory {max(logged['memory_mb_per_rank']):.0f} MB per rank ({logged['memory_kind']})")
-    if res["phases"]:
-        print(f"{'phase (ms per step, device synced at each boundary)':<52} {'bare':>8} {'service':>8}")
-        for name in ("bare", "service"):  # what no phase above covers
-            ms = res["phases"][name]
-            ms["other (not in a phase above)"] = 2 * ms["total"] - sum(ms.values())
-        for phase in PHASES + ["other (not in a phase above)", "total"]:
-            cells = [res["phases"][k].get(phase) for k in ("bare", "service")]
-            print(f"{phase:<52} " + " ".join(f"{1e3 * c:8.1f}" if c is not None else f"{'-':>8}" for c in cells))
-
-
-def levers(args, shards: Path) -> None:
-    print(f"{'row':<24} {'service img/s':>13} {'bare fp32 img/s':>15} {'ratio':>6} {'warm-up s':>9}  gain from")
-    for name in args.levers or list(LEVERS):
-        precision, fields, gain = LEVERS[name]
-        times = (res := launch(args, 1, shards, precision, fields, phases=False))["times"]
-        service, bare = (BATCH / statistics.median(times[k]) for k in ("service", "bare"))
-        print(f"{name:<24} {service:13.2f} {bare:15.2f} {paired_ratio(times['service'], times['bare']):6.2f} "
-              f"{res['warmup_s']['service']:9.1f}  {gain}", flush=True)
-
-
-def parse(argv: list[str] | None = None):
-    parser = cli(__doc__)
-    parser.add_argument("--world", type=int, nargs="+", default=[1, 2], help="world sizes to run")
-    parser.add_argument("--steps", type=int, default=4, help="steps per timed block")
-    parser.add_argument("--blocks", type=int, default=5, help="alternating timed blocks per loop")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "bf16-mixed"], default="fp32")
-    parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
-    parser.add_argument("--workers", type=int, default=1, help="loader worker processes per rank")
-    parser.add_argument("--set", action="append", default=[], metavar="train.FIELD=JSON",
-                        help="a lever field of the train section, e.g. train.compile=true")
-    parser.add_argument("--no-phases", dest="phases", action="store_false", help="skip the per-phase pass")
-    parser.add_argument("--levers", nargs="*", choices=list(LEVERS), metavar="ROW",
-                        help=f"the lever table at world size 1 (rows: {', '.join(LEVERS)}; none: all)")
-    parser.add_argument("--shards", help=argparse.SUPPRESS)
-    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    for item in args.set:
-        if not item.startswith("train.") or "=" not in item:
-            parser.error(f"--set takes train.FIELD=JSON, got {item!r}")
-    return args
+def report(results: list[dict]) -> None:
+    """The throughput table, the service's own logged metrics and the phase table."""
+    print(table("world size | sampler | bare fp32 img/s | service img/s | ratio", (
+        [f"{r['world']} ({r['threads']} thread(s) per rank)", r["sampler"], f"{r['bare']:.2f}",
+         f"{r['service']:.2f}", f"{r['ratio']:.3f}"] for r in results)))
+    rows = []
+    for r in results:  # medians over the timed blocks
+        logged, mfu = r["logged"], [x["mfu"] for x in r["logged"] if x["mfu"] is not None]
+        rows.append([r["world"], f"{logged[-1]['flops_per_image'] / 1e9:.2f}",
+                     f"{statistics.median(x['tflops_per_s_per_rank'] for x in logged):.3f}",
+                     f"{statistics.median(mfu):.1%} of {logged[-1]['peak_tflops_per_s']:.0f} "
+                     "TFLOP/s" if mfu else "n/a (no data-sheet peak)",
+                     f"{max(logged[-1]['memory_mb_per_rank']):.0f} ({logged[-1]['memory_kind']})"])
+    print("\n" + table("world size | GFLOP/image | TFLOP/s per rank | MFU | peak MB per rank",
+                       rows))
+    cols = [(k, r) for r in results for k in ("bare", "service")]
+    print("\n" + table("phase (ms per step, device synced at each boundary) | " + " | ".join(
+        f"{k}, world {r['world']}" for k, r in cols), ([phase] + [
+            f"{1e3 * r['phases'][k][phase]:.1f}" if phase in r["phases"][k] else "-"
+            for k, r in cols] for phase in [*PHASES, "total"])))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    parser = cli(__doc__)
+    parser.add_argument("--world", type=int, nargs="+", default=[1, 2], help="world sizes to run")
+    parser.add_argument("--steps", type=int, default=4, help="steps per timed block")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "bf16-mixed"], default="fp32")
+    parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
+    parser.add_argument("--levers", nargs="*", choices=list(LEVERS), metavar="ROW",
+                        help=f"the lever table at world size 1 (rows: {', '.join(LEVERS)}; none: all)")
+    args = parser.parse_args(argv)
     if args.worker:
-        worker(args)
+        worker(args.worker)
         return 0
-    print(f"config: {CONFIG_LINE}; every ratio is against the bare fp32 loop timed in the same process")
+    print("config: 32 px, 64 ch, 2 res blocks, attention 16,8, learn_sigma, cosine, T=1000, dropout 0.1, "
+          f"batch {BATCH} per rank, 1 loader worker per rank, service {args.precision} ZeRO-{args.zero_stage} "
+          "(--levers: as each row says); every ratio is against the bare fp32 loop timed in the same process\n")
     with tempfile.TemporaryDirectory() as tmp:
         shards = digits_shards(Path(tmp) / "digits")
-        if args.levers is not None:
-            levers(args, shards)
+        if args.levers is None:
+            report([launch(args, world, shards, args.precision, {}, True) for world in args.world])
             return 0
-        for world in args.world:
-            report(launch(args, world, shards, args.precision, args.set, args.phases), args)
+        rows = []
+        for name in args.levers or list(LEVERS):
+            precision, fields, gain = LEVERS[name]
+            r = launch(args, 1, shards, precision, fields, phases=False)
+            rows.append([name, f"{r['service']:.2f}", f"{r['bare']:.2f}", f"{r['ratio']:.2f}",
+                         f"{r['warmup_s']['service']:.0f}", gain])
+    print(table("row | service img/s | bare fp32 img/s | ratio | warm-up s | gain from", rows))
     return 0
 
 

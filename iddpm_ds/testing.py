@@ -1,4 +1,5 @@
-"""Tiny jobs and shards for the tests and the benchmarks: one factory, a few overrides.
+"""Tiny jobs and shards for the tests and the benchmarks: one factory, a few overrides; and
+the reference's preprocessing and timestep sampler that both check and time ours against.
 
 It lives in the package (as torch.testing and numpy.testing do) because the tests, the
 benchmarks (python -m bench.x, their torchrun workers) and a GPU machine that only
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 
 from .spec.job import JobSpec
 
@@ -100,3 +103,80 @@ def random_shards(folder: Path, image_size: int, count: int) -> Path:
                     WriteOptions(image_size=image_size, raw=True, eval_count=count // 8,
                                  progress=False), "iddpm_ds.testing")
     return folder
+
+
+def reference_preprocess(image: Image.Image, resolution: int) -> np.ndarray:
+    """The reference loader's resize written out plainly, independent of iddpm_ds.data (the
+    tests check the reader against it, bench.data_throughput's per-file baseline runs it):
+    BOX halvings, then BICUBIC, then a centre crop -> uint8 [H, W, 3]."""
+    while min(*image.size) >= 2 * resolution:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = resolution / min(*image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.array(image.convert("RGB"))
+    top, left = (arr.shape[0] - resolution) // 2, (arr.shape[1] - resolution) // 2
+    return arr[top:top + resolution, left:left + resolution]
+
+
+def reference_scale(arr: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> what the reference loader yields: float32 [C, H, W] in [-1, 1]."""
+    return np.transpose(arr.astype(np.float32) / 127.5 - 1, [2, 0, 1])
+
+
+class ReferenceSecondMoment:
+    """The reference's loss-second-moment sampler as improved-diffusion runs it (less its
+    np.int crash): a shift-buffer history fed one (t, loss) at a time, three blocking
+    all_gathers and an .item() per element. Independent of the vectorised sampler that the
+    tests check against it and bench.sampler_overhead times against it."""
+
+    def __init__(self, num_timesteps: int, history_per_term: int, uniform_prob: float) -> None:
+        self.history_per_term, self.uniform_prob = history_per_term, uniform_prob
+        self.history = np.zeros([num_timesteps, history_per_term], dtype=np.float64)
+        self.counts = np.zeros([num_timesteps], dtype=np.int64)
+
+    def warmed_up(self) -> bool:
+        return bool((self.counts == self.history_per_term).all())
+
+    def weights(self) -> np.ndarray:
+        if not self.warmed_up():
+            return np.ones([len(self.counts)], dtype=np.float64)
+        weights = np.sqrt(np.mean(self.history ** 2, axis=-1))
+        weights /= np.sum(weights)
+        weights *= 1 - self.uniform_prob
+        weights += self.uniform_prob / len(weights)
+        return weights
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weights()
+        p = w / np.sum(w)
+        indices_np = np.random.choice(len(p), size=(batch_size,), p=p)
+        weights = torch.from_numpy(1 / (len(p) * p[indices_np])).float()
+        return torch.from_numpy(indices_np).long(), weights
+
+    def update_with_local_losses(self, local_ts: torch.Tensor, local_losses: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        batch_sizes = [torch.tensor([0], dtype=torch.int32) for _ in range(dist.get_world_size())]
+        dist.all_gather(batch_sizes, torch.tensor([len(local_ts)], dtype=torch.int32))
+        batch_sizes = [x.item() for x in batch_sizes]
+        max_bs = max(batch_sizes)
+        timestep_batches = [torch.zeros(max_bs).to(local_ts) for _ in batch_sizes]
+        loss_batches = [torch.zeros(max_bs).to(local_losses) for _ in batch_sizes]
+        pad = max_bs - len(local_ts)
+        dist.all_gather(timestep_batches, torch.nn.functional.pad(local_ts, (0, pad)))
+        dist.all_gather(loss_batches, torch.nn.functional.pad(local_losses, (0, pad)))
+        self.update_from_gathered(batch_sizes, timestep_batches, loss_batches)
+
+    def update_from_gathered(self, batch_sizes: list, timestep_batches: list, loss_batches: list) -> None:
+        timesteps = [x.item() for y, bs in zip(timestep_batches, batch_sizes) for x in y[:bs]]
+        losses = [x.item() for y, bs in zip(loss_batches, batch_sizes) for x in y[:bs]]
+        self.update_with_all_losses(timesteps, losses)
+
+    def update_with_all_losses(self, ts: Any, losses: Any) -> None:
+        for t, loss in zip(ts, losses):
+            if self.counts[t] == self.history_per_term:
+                self.history[t, :-1] = self.history[t, 1:]
+                self.history[t, -1] = loss
+            else:
+                self.history[t, self.counts[t]] = loss
+                self.counts[t] += 1

@@ -21,23 +21,13 @@ from iddpm_ds.data.samples import read_pieces
 from iddpm_ds.data.shards import (Item, OutputExistsError, WriteOptions, array_items, folder_items,
                                   write_items)
 from iddpm_ds.spec.data import DataSpec
+from iddpm_ds.testing import reference_preprocess, reference_scale
 from test_data_helpers import first_difference, id_shards, png_bytes, resume_chain, write_tar
 
 
-def reference_preprocess(data: bytes, size: int) -> np.ndarray:
-    """The reference loader's steps, written out plainly (no shortcuts): float32 [C, H, W]."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    while min(*image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = size / min(*image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    arr = np.array(image.convert("RGB"))
-    crop_y = (arr.shape[0] - size) // 2
-    crop_x = (arr.shape[1] - size) // 2
-    arr = arr[crop_y:crop_y + size, crop_x:crop_x + size]
-    arr = arr.astype(np.float32) / 127.5 - 1
-    return np.transpose(arr, [2, 0, 1])
+def reference(data: bytes, size: int) -> np.ndarray:
+    """What the reference loader yields for these encoded bytes: float32 [C, H, W]."""
+    return reference_scale(reference_preprocess(Image.open(io.BytesIO(data)), size))
 
 
 def _encoded(rng: np.random.Generator, width: int, height: int, kind: str) -> bytes:
@@ -82,7 +72,7 @@ def test_preprocessing_matches_reference_on_odd_sizes(tmp_path: Path) -> None:
         x, cond = next(iter(stream))
         assert x.dtype == torch.float32 and x.shape == (len(ODD_IMAGES), 3, size, size)
         for row, label in enumerate(cond["y"].tolist()):
-            expected = reference_preprocess(encoded[label], size)
+            expected = reference(encoded[label], size)
             np.testing.assert_array_equal(x[row].numpy(), expected)  # bit-identical
         assert stream.stats()["corrupt_samples"] == 0
 
@@ -97,7 +87,7 @@ def test_random_flip_mirrors_some_samples(tmp_path: Path) -> None:
     x, cond = next(iter(stream))
     flipped = 0
     for row, label in enumerate(cond["y"].tolist()):
-        ref = reference_preprocess(encoded[label], 16)
+        ref = reference(encoded[label], 16)
         same = np.array_equal(x[row].numpy(), ref)
         mirrored = np.array_equal(x[row].numpy(), ref[:, :, ::-1])
         assert same or mirrored
@@ -365,7 +355,7 @@ def test_presized_shards_equal_reference_preprocessing_of_originals(tmp_path: Pa
     spec = DataSpec(shards=str(tmp_path / "index.json"), num_workers=0, shuffle_buffer=0)
     x, cond = next(iter(_stream(spec, size=16, batch=len(originals))))
     for row, label in enumerate(cond["y"].tolist()):
-        np.testing.assert_array_equal(x[row].numpy(), reference_preprocess(originals[label], 16))
+        np.testing.assert_array_equal(x[row].numpy(), reference(originals[label], 16))
 
 
 @pytest.mark.parametrize("raw", [False, True])

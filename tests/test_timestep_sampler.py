@@ -18,39 +18,8 @@ from iddpm_ds.diffusion.timestep_sampler import (
 )
 from iddpm_ds.spec.base import Spec
 from iddpm_ds.spec.sampler import SamplerSpec
+from iddpm_ds.testing import ReferenceSecondMoment
 from mp_utils import run_ranks
-
-
-class ReferenceSecondMoment:
-    """Straightforward sequential transcription of the reference algorithm (shift buffer,
-    one (t, loss) at a time), independent of the vectorised ring buffer under test."""
-
-    def __init__(self, num_timesteps: int, history_per_term: int, uniform_prob: float) -> None:
-        self.T, self.H, self.u = num_timesteps, history_per_term, uniform_prob
-        self.history = np.zeros([num_timesteps, history_per_term], dtype=np.float64)
-        self.counts = np.zeros([num_timesteps], dtype=np.int64)
-
-    def update_with_all_losses(self, ts, losses) -> None:
-        for t, loss in zip(ts, losses):
-            t = int(t)
-            if self.counts[t] == self.H:
-                self.history[t, :-1] = self.history[t, 1:]
-                self.history[t, -1] = float(loss)
-            else:
-                self.history[t, self.counts[t]] = float(loss)
-                self.counts[t] += 1
-
-    def warmed_up(self) -> bool:
-        return bool((self.counts == self.H).all())
-
-    def weights(self) -> np.ndarray:
-        if not self.warmed_up():
-            return np.ones([self.T], dtype=np.float64)
-        w = np.sqrt(np.mean(self.history ** 2, axis=-1))
-        w /= np.sum(w)
-        w *= 1 - self.u
-        w += self.u / self.T
-        return w
 
 
 def _resampler(T=7, H=4, u=0.01, capacity=64, seed=0, rank=0, **kw) -> LossSecondMomentResampler:
