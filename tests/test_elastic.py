@@ -196,6 +196,7 @@ def test_a_dead_host_shrinks_the_run_and_its_return_grows_it(hosts, tmp_path, id
 
     # the layouts: 4, then 2 from the checkpoint before the death, then 4 from the
     # checkpoint the membership change wrote (SIGTERM from the agent: nothing lost)
+    assert run.events("elastic_restart")[0]["exitcodes"] == [4], out  # the survivors' one status
     started = run.events("elastic_workers_started")
     assert [e["world_size"] for e in started if e["node_rank"] == 0] == [4, 2, 4], out
     resumed = run.events("resumed")
