@@ -24,7 +24,7 @@ import psutil
 import pytest
 import torch
 
-from hosts_harness import IFACE, PROBE, Hosts, id_job
+from hosts_harness import IFACE, PROBE, Hosts, id_job, require_machine
 from test_data_helpers import id_shards
 from test_multihost import assert_equal, saved_state
 from train_utils import ROOT, TRAIN, metrics, tiny_job
@@ -155,7 +155,21 @@ def id_data(tmp_path_factory) -> list[str]:
     return id_shards(tmp_path_factory.mktemp("ids"), SIZES, side=16)
 
 
-def test_a_dead_host_shrinks_the_run_and_its_return_grows_it(hosts, tmp_path, id_data):
+@pytest.fixture(scope="module")
+def two_hosts():
+    """Two hosts of this module's own, not the session's `hosts`: the test then runs on
+    another xdist worker beside the other multi-host tests instead of after them."""
+    require_machine()
+    made = Hosts(2)
+    try:
+        made.start()
+        yield made
+    finally:
+        made.stop()
+
+
+def test_a_dead_host_shrinks_the_run_and_its_return_grows_it(two_hosts, tmp_path, id_data):
+    hosts = two_hosts
     run = ElasticRun(hosts, tmp_path, id_data)
     agents = [run.start(0), run.start(1)]
     try:
