@@ -179,7 +179,10 @@ def check_checkpoint(run: Run, tag: str, world_size: int) -> None:
 
 
 # ----------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("stage, precision", [(2, "bf16"), (3, "fp32")], ids=["zero2-bf16", "zero3-fp32"])
+# one case: ZeRO-3 in bf16 shards parameters, gradients and optimizer state across the hosts
+# (ZeRO-1/2 cross hosts in the elastic, storage and failure tests; the stage x precision grid
+# is covered pairwise on one host by test_resume_world_size)
+@pytest.mark.parametrize("stage, precision", [(3, "bf16")], ids=["zero3-bf16"])
 def test_two_hosts_then_resume_on_one_host_of_three_ranks(hosts, tmp_path, id_data, stage, precision):
     steps = 8  # two epochs of 4 steps
     run = Run(hosts, tmp_path, id_data, **{"train.max_steps": steps, "train.save_interval": 4,
