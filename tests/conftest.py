@@ -25,9 +25,16 @@ except ImportError:
 torch.set_num_threads(1)
 
 
+DIGITS_ENV = "IDDPM_TEST_DIGITS"  # env: digits shards written already, read-only (tests/mutants.py)
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> Path:
-    """The bundled demo data (sklearn digits), written once per test session."""
+    """The bundled demo data (sklearn digits), written once per test session, or once for
+    many short sessions: the mutant runner writes them once and names them in DIGITS_ENV
+    (each write costs a process start and about 5 s of CPU)."""
+    if os.environ.get(DIGITS_ENV):
+        return Path(os.environ[DIGITS_ENV])
     out = tmp_path_factory.mktemp("digits")
     subprocess.run([sys.executable, str(ROOT / "launch" / "make_shards.py"), "digits", "--out",
                     str(out), "--overwrite", "--quiet"], check=True, capture_output=True)

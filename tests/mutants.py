@@ -2,19 +2,24 @@
 
 Every entry of MUTANTS is one edit (file, exact original text, replacement) and the fast
 test(s) that must FAIL once the edit is in. The runner copies the repository's files
-(git ls-files: tracked plus untracked-but-not-ignored) into a temporary directory, checks
-that the listed tests pass there as they are (baseline), then applies each edit alone,
-runs its tests against the copy (PYTHONPATH and cwd point at the copy, so every process the
-tests start, training launchers included, imports the copy's iddpm_ds) and puts the file
-back. Each edit is reported killed (its tests failed) or SURVIVED (they passed), with its
-time; an edit whose tests all skip on this machine (GPU-only) is reported skipped and
-does not fail the run. Exit status 1 when an edit survived, when an original text is not
-found exactly once (the list went stale: re-anchor it on the new text), or when a test
-cannot run (not found, collection error, failing baseline).
+(git ls-files: tracked plus untracked-but-not-ignored) into a temporary directory, writes
+the digits shards once for all its runs, checks that the copy works (smoke: a fast test
+that trains real rank processes, and a spec test, pass there as they are), then applies
+each edit alone, runs its tests against the copy (PYTHONPATH and cwd point at the copy,
+so every process the tests start, training launchers included, imports the copy's
+iddpm_ds) and puts the file back. Each edit is reported killed or SURVIVED (its tests
+passed), with its time; an edit whose tests all skip on this machine (GPU-only) is
+reported skipped and does not fail the run. A kill counts only as a test failure: pytest
+names a listed test FAILED (not an ERROR in a fixture, not a collection error), for a
+reason other than an import error, so a copy that cannot run its tests never passes for
+a kill. That the listed tests pass unedited is what the main suite proves on the same
+code; `--baseline` checks it here too (one pytest run of them all, about 2 min of CPU). Exit status 1 when an edit survived, when
+an original text is not found exactly once (the list went stale: re-anchor it on the new
+text), or when a test cannot run (not found, collection error, failing smoke/baseline).
 
-    python tests/mutants.py                 # baseline + every edit (CI: tests/test_mutants.py)
+    python tests/mutants.py                 # smoke + every edit (CI: tests/test_mutants.py)
     python tests/mutants.py --list          # the entries
-    python tests/mutants.py lr-anneal ema-rate --no-baseline   # some edits only
+    python tests/mutants.py lr-anneal ema-rate --baseline   # some edits, their tests unedited first
 
 Adding an entry: one Mutant(...) below; `original` must occur exactly once in the file
 (include enough context), and `tests` names pytest node ids or "file -k expr" selections
@@ -205,15 +210,30 @@ def stale(mutant: Mutant, root: Path) -> str | None:
     return None
 
 
+def digits_of(copy: Path) -> Path:
+    """Where the runner keeps the digits shards that every run of the copy reads."""
+    return copy.parent / "digits"
+
+
+def write_digits(copy: Path) -> None:
+    """The digits shards, written once by the copy's own launch/make_shards.py (no edit
+    touches it) for every pytest run of the copy (tests/conftest.py: DIGITS_ENV)."""
+    subprocess.run([sys.executable, str(copy / "launch" / "make_shards.py"), "digits", "--out",
+                    str(digits_of(copy)), "--overwrite", "--quiet"], cwd=copy, env=copy_env(copy),
+                   check=True, capture_output=True)
+
+
 def copy_env(copy: Path) -> dict[str, str]:
     """The environment of every test run: the copy first on PYTHONPATH (before the venv's
     editable install), no bytecode written (an edit of the same size within a second
-    must not be served from a stale .pyc), wide lines (pytest's failure summary whole)."""
+    must not be served from a stale .pyc), wide lines (pytest's failure summary whole),
+    the shared digits shards once written."""
     keep = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
             if p and Path(p).resolve() != ROOT]
+    digits = {"IDDPM_TEST_DIGITS": str(digits_of(copy))} if digits_of(copy).is_dir() else {}
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(copy), *keep]),
             "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "400",
-            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), **digits}
 
 
 def run_pytest(copy: Path, args: list[str], basetemp: Path, timeout: float) -> tuple[int | None, str]:
@@ -234,6 +254,26 @@ def check_imports_copy(copy: Path) -> None:
                          capture_output=True, text=True, check=True).stdout.strip()
     if not Path(out).resolve().is_relative_to(copy.resolve()):
         raise SystemExit(f"mutants: the copy's tests would import {out}, not the copy in {copy}")
+
+
+# the copy works: real rank processes import the copy's iddpm_ds, read the shared digits
+# shards (write_digits), train, save and exit (about 15 s); a spec test in-process
+SMOKE = ("tests/test_rows_fast.py::test_preemption_signal_saves_and_exits_75",
+         "tests/test_job_spec.py::test_exactly_one_batch_knob")
+# a failure for one of these reasons says the copy cannot run the test, not that it caught
+# the edit
+ENVIRONMENT_ERRORS = ("ModuleNotFoundError", "ImportError")
+
+
+def smoke(copy: Path, tmp: Path) -> bool:
+    """The SMOKE tests pass on the unedited copy, so a failure on an edit is the edit's."""
+    start = time.perf_counter()
+    code, out = run_pytest(copy, list(SMOKE), tmp / "smoke", EDIT_TIMEOUT_S)
+    if code != 0:
+        print(f"SMOKE FAILED ({_status(code)}): {' '.join(SMOKE)}\n{out[-3000:]}", flush=True)
+    print(f"smoke: {'the copy runs its tests' if code == 0 else 'FAILED'} "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return code == 0
 
 
 def baseline(copy: Path, mutants: list[Mutant], tmp: Path) -> bool:
@@ -284,6 +324,23 @@ def _reason(out: str) -> str:
     return f"\n    {reason}"
 
 
+def _failed_for_the_edit(out: str, args: list[str]) -> str | None:
+    """Why a failing run (exit status 1) is no kill, or None: pytest must name a selected
+    test FAILED (a fixture or set-up failure is an ERROR line instead), for a reason other
+    than an import error (the copy, not the edit)."""
+    lines = out.splitlines()
+    failed = [line for line in lines if line.startswith("FAILED ")]
+    if not failed:  # e.g. only "ERROR node - ..." lines: a fixture or set-up failed
+        errors = [line for line in lines if line.startswith("ERROR ")]
+        return "no test FAILED" + (f" ({errors[0][:240]})" if errors else "")
+    if not any(line.split()[1].startswith(args[0].split("::")[0]) for line in failed):
+        return f"the failure is not a selected test: {failed[0][:240]}"
+    env = [line for line in lines if line.startswith("E ") and any(e in line for e in ENVIRONMENT_ERRORS)]
+    if env:
+        return f"the copy could not run it: {env[0][:240]}"
+    return None
+
+
 def _all_skipped(out: str) -> bool:
     """pytest's last line says only "N skipped in ..." (nothing ran, nothing passed)."""
     last = out.strip().splitlines()[-1] if out.strip() else ""
@@ -302,8 +359,13 @@ def run_mutant(mutant: Mutant, copy: Path, tmp: Path) -> str:
     try:
         for args in selections(mutant.tests):
             code, out = run_pytest(copy, args, tmp / mutant.name, EDIT_TIMEOUT_S)
-            if code in (1, None):  # the test failed (or hung): the break was seen
-                return "killed" + (" (timeout)" if code is None else "") + _reason(out)
+            if code is None:  # the test hung: the break was seen
+                return "killed (timeout)" + _reason(out)
+            if code == 1:  # a test failed: the break was seen, if the failure is the test's
+                why_not = _failed_for_the_edit(out, args)
+                if why_not:
+                    return f"ERROR ({why_not}: {' '.join(args)})\n{out[-3000:]}"
+                return "killed" + _reason(out)
             if code != 0:
                 return f"ERROR ({_status(code)}: {' '.join(args)})\n{out[-3000:]}"
             ran = ran or not _all_skipped(out)  # a GPU-only test skips on a CPU machine
@@ -316,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="run only these entries (default: all)")
     parser.add_argument("--list", action="store_true", help="print the entries and exit")
-    parser.add_argument("--no-baseline", action="store_true",
-                        help="skip running the tests unedited first")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also run the listed tests unedited first (the main suite does)")
     args = parser.parse_args(argv)
     if args.list:
         for m in MUTANTS:
@@ -333,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         copy = tmp / "repo"
         copy_repo(ROOT, copy)
         check_imports_copy(copy)
-        failed = not args.no_baseline and not baseline(copy, chosen, tmp)
+        write_digits(copy)
+        failed = not smoke(copy, tmp) or (args.baseline and not baseline(copy, chosen, tmp))
         verdicts: dict[str, int] = {}
         for mutant in chosen:
             t0 = time.perf_counter()

@@ -14,6 +14,7 @@ from iddpm_ds.models.precision import AtPrecision
 from iddpm_ds.models.nn import qkv_attention
 from iddpm_ds.spec.job import JobSpec, load_job
 from iddpm_ds.spec.model import ModelSpec
+from iddpm_ds.testing import TINY_MODEL
 from iddpm_ds.train.ds_config import render_ds_config
 from test_job_spec import job_dict
 from train_utils import metrics, run_train, tiny_job
@@ -142,12 +143,19 @@ def test_bf16_mixed_keeps_the_reference_fp32_regions():
 
 # --- the service, end to end ------------------------------------------------------------
 
+# the tiny model at one resolution (no down/upsampling level; attention at 16 px): what
+# inductor compiles cold on CPU (two ranks at once; most of the test's CPU time) is about
+# the number of distinct ops, and this UNet has every kind of block with fewer of them
+COMPILE_MODEL = {**TINY_MODEL, "channel_mult": [1], "attention_resolutions": "16"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2])
 def test_service_trains_with_every_lever(tmp_path, digits_shards, stage):
     """2 ranks, bf16-mixed, channels_last, math attention, foreach AdamW, compiled:
     the loss falls and the exported weights are plain fp32 reference-named tensors."""
     job = tiny_job(tmp_path, digits_shards, **{
+        "model": COMPILE_MODEL,
         "precision": "bf16-mixed", "deepspeed.zero_stage": stage, "train.max_steps": 20,
         "train.compile": True, "train.channels_last": True, "train.attention_kernel": "math",
         "train.adamw_kernel": "foreach"})
