@@ -4,6 +4,7 @@ rounding. Spec checks and rendering here; the UNet's numerics; the service end t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,11 +150,19 @@ def test_bf16_mixed_keeps_the_reference_fp32_regions():
 COMPILE_MODEL = {**TINY_MODEL, "channel_mult": [1], "attention_resolutions": "16"}
 
 
+@pytest.fixture(scope="module")
+def inductor_cache(tmp_path_factory) -> Path:
+    """Inductor's cache for this module's runs: the kernels it writes there show that the
+    model was compiled (with train.compile ignored nothing would be written)."""
+    return tmp_path_factory.mktemp("inductor")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2])
-def test_service_trains_with_every_lever(tmp_path, digits_shards, stage):
+def test_service_trains_with_every_lever(tmp_path, digits_shards, stage, inductor_cache, monkeypatch):
     """2 ranks, bf16-mixed, channels_last, math attention, foreach AdamW, compiled:
     the loss falls and the exported weights are plain fp32 reference-named tensors."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache))  # the ranks inherit it
     job = tiny_job(tmp_path, digits_shards, **{
         "model": COMPILE_MODEL,
         "precision": "bf16-mixed", "deepspeed.zero_stage": stage, "train.max_steps": 20,
@@ -167,6 +176,8 @@ def test_service_trains_with_every_lever(tmp_path, digits_shards, stage):
                          weights_only=True)
     assert set(weights) == set(build_model(load_job(job).model).state_dict())  # no compile prefix
     assert all(v.dtype == torch.float32 for v in weights.values())
+    kernels = [p for p in inductor_cache.rglob("*") if p.suffix in (".py", ".cpp", ".so")]
+    assert kernels, "train.compile=true compiled nothing"
 
 
 # --- sampling and evaluation precision ----------------------------------------------------
