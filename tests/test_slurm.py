@@ -325,7 +325,9 @@ def test_node_range_job_losing_a_node_is_requeued_and_resumes_on_the_node_left(
     # cancelled the job for it (then requeued it: no scontrol requeue from the script)
     assert sorted(re.findall(r"^error: (rank \d): ", text, re.M)) == ["rank 0", "rank 1"], tail(out)
     assert "Exited with exit code 4" in text
-    assert f"Node failure on {second}" in text and "DUE TO NODE FAILURE" in text, tail(out)
+    # srun names the dead node; slurmstepd's "CANCELLED ... DUE TO NODE FAILURE" line is
+    # printed only when the cancel reaches the batch script before it exits (a race: CI)
+    assert f"Node failure on {second}" in text, tail(out)
     assert "requeueing job" not in text
     starts = log_events(out, "train_start")
     assert [(s["step"], s["world_size"]) for s in starts] == [(0, 4), (saved_before, 2)], tail(out)
