@@ -109,11 +109,12 @@ def run_processes(hosts: Hosts, index: int, ranks_only: bool = False) -> list[ps
     found = []
     for pid in hosts.pids(hosts.hosts[index]):
         try:
-            cmd = psutil.Process(pid).cmdline()
+            proc = psutil.Process(pid)
+            cmd = proc.cmdline()
         except psutil.Error:
             continue
         if str(ELASTIC) not in cmd and str(TRAIN) in cmd or not ranks_only and str(ELASTIC) in cmd:
-            found.append(psutil.Process(pid))
+            found.append(proc)
     return found
 
 
