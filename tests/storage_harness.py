@@ -15,6 +15,7 @@ Needs root, iproute2 (ip, tc) and nginx (.ci/run installs them).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -158,6 +159,13 @@ class Storage:
             bits = max(8000, int(bytes_per_s * 8))
             _sh("tc", "-n", self.netns, "qdisc", "add", "dev", IFACE, "root", "tbf",
                 "rate", f"{bits}bit", "burst", "16kb", "latency", "500ms")
+
+    def paced_bytes(self) -> int | None:
+        """Bytes the storage host has sent through rate_limit's pacer since it was set (tc -s);
+        None when no pacer is in place."""
+        shown = _sh("tc", "-s", "-n", self.netns, "qdisc", "show", "dev", IFACE).stdout
+        paced = re.search(r"qdisc tbf .*?Sent (\d+) bytes", shown, re.S)
+        return int(paced[1]) if paced else None
 
     def stop(self) -> None:
         for proc in [*self.extra, self.nginx]:

@@ -197,7 +197,7 @@ def _wait_metrics(proc: subprocess.Popen, run_dir: Path, after: int, count: int,
 def test_a_slow_link_with_latency_does_not_starve_training(hosts, store, tmp_path, digits_shards):
     """Digits over a tc-paced link behind a proxy adding 50 ms per connection and request:
     at 1.5x the bytes/s training consumes, the reader's prefetch keeps training fed (data
-    wait at most a quarter of the step, throughput at least 70% of the unpaced rate)."""
+    wait at most a quarter of the step; the shards are shown to pass the pacer)."""
     store.start_proxy(0.05)
     interval = 10
     job = tiny_job(tmp_path, digits_shards, **{
@@ -216,17 +216,24 @@ def test_a_slow_link_with_latency_does_not_starve_training(hosts, store, tmp_pat
         step = free[-1]["step"]
         for factor in LINK_FACTORS:
             store.rate_limit(factor * consumed)
+            began = time.time()
             paced = _wait_metrics(proc, tmp_path / "run", step + interval, 3, out)  # a window to settle
+            # the shards came through the pacer, no faster than its rate (16 kB burst)
+            sent, window = store.paced_bytes(), paced[-1]["time"] - began
+            assert sent is not None and sent >= 0.3 * consumed * window, (sent, consumed, window)
+            assert sent <= factor * consumed * (time.time() - began) + 16e3, (sent, consumed)
             step = paced[-1]["step"]
             wait = sum(m["data_wait_frac"] for m in paced) / len(paced)
             rate = sum(m["img_per_s"] for m in paced) / len(paced)
             print(f"link {factor:.2f}x of {consumed / 1e3:.0f} kB/s ({per_sample:.0f} B/sample, "
-                  f"{free[-1]['img_per_s']:.0f} img/s free): {rate:.0f} img/s, data_wait_frac {wait:.1%}")
-            if factor >= 1.5:  # the link is not what limits: training neither waits nor slows
+                  f"{free[-1]['img_per_s']:.0f} img/s free): {rate:.0f} img/s, data_wait_frac {wait:.1%}, "
+                  f"{sent / window / 1e3:.0f} kB/s through the pacer")
+            if factor >= 1.5:  # the link is not what limits: training does not wait for data
                 # (the bound is loose because the other CI workers share the 2 cores with the
-                # loader's decode: 14% measured once under load, 1.7% alone; docs/benchmarks.md
-                # has the quiet-machine table from bench.data_throughput)
-                assert wait <= 0.25 and rate >= 0.7 * free[-1]["img_per_s"], (factor, paced)
+                # loader's decode: 14% measured once under load, 1.7% alone; img/s is not
+                # compared, as it follows the other workers' load: 68% of the unpaced rate was
+                # measured with 6% data wait; docs/benchmarks.md has the quiet-machine table)
+                assert wait <= 0.25, (factor, paced)
     finally:
         store.rate_limit(None)
         os.killpg(proc.pid, signal.SIGKILL)
