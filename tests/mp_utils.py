@@ -3,9 +3,17 @@
 Real processes, real collectives: multi-rank behaviour is tested, never mocked.
 `fn(rank, world_size, *args)` runs in each process; its return value is pickled back
 through a temp file so tests can compare what every rank saw.
+
+The ranks are forked by a fork server that imported torch, DeepSpeed and the trainer once
+per pytest worker: a freshly spawned rank spends about 3 CPU-seconds on those imports
+before its first line, which over the suite's multi-rank tests is minutes of CI's two
+cores. The server is a single-threaded process of its own (never a fork of the pytest
+worker and its threads); each rank takes the caller's environment of the moment (the
+server's own is from its start), before anything reads it.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import random
@@ -45,7 +53,16 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {low}-{low + PORT_BLOCK - 1}")
 
 
-def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+PRELOAD = ["torch", "torch.distributed", "deepspeed", "iddpm_ds.train.trainer", "mp_utils"]
+mp.set_forkserver_preload(PRELOAD)
+
+
+def _entry(rank: int, world_size: int, port: int, out_dir: str, env: dict[str, str], fn: Callable,
+           args: tuple) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, name in ((1, "out"), (2, "err")):  # the server's fds are not the caller's
+        os.dup2(os.open(Path(out_dir) / f"rank{rank}.{name}", os.O_WRONLY | os.O_CREAT), fd)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     import torch
@@ -65,11 +82,17 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, ar
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
     """Run fn(rank, world_size, *args) on world_size processes; return results by rank.
 
-    fn must be a module-level function (it is pickled into spawned processes).
+    fn must be a module-level function (it is pickled into the forked processes). What
+    the ranks print reaches this process's stdout and stderr when they have ended.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_entry, args=(world_size, free_port(), out_dir, fn, args),
-                           nprocs=world_size, join=True, start_method="spawn")
+        try:
+            mp.start_processes(_entry, args=(world_size, free_port(), out_dir, dict(os.environ), fn, args),
+                               nprocs=world_size, join=True, start_method="forkserver")
+        finally:  # what the ranks printed, on this process's own fds (pytest's capfd reads them)
+            for rank, (fd, name) in itertools.product(range(world_size), ((1, "out"), (2, "err"))):
+                if (printed := Path(out_dir) / f"rank{rank}.{name}").exists():
+                    os.write(fd, printed.read_bytes())
         results = []
         for rank in range(world_size):
             with open(Path(out_dir) / f"rank{rank}.pkl", "rb") as fh:

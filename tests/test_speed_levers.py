@@ -158,17 +158,19 @@ def inductor_cache(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 2])
-def test_service_trains_with_every_lever(tmp_path, digits_shards, stage, inductor_cache, monkeypatch):
-    """2 ranks, bf16-mixed, channels_last, math attention, foreach AdamW, compiled:
-    the loss falls and the exported weights are plain fp32 reference-named tensors."""
+@pytest.mark.parametrize("stage,world", [(0, 1), (2, 2)])
+def test_service_trains_with_every_lever(tmp_path, digits_shards, stage, world, inductor_cache, monkeypatch):
+    """bf16-mixed, channels_last, math attention, foreach AdamW, compiled: the loss falls and
+    the exported weights are plain fp32 reference-named tensors. Inductor compiles cold once,
+    on one rank, and the kernels it writes show that train.compile compiled; ZeRO-2 on 2 ranks
+    then reads the module's cache (two ranks compiling cold at once cost CI ~110 CPU-s)."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache))  # the ranks inherit it
     job = tiny_job(tmp_path, digits_shards, **{
         "model": COMPILE_MODEL,
         "precision": "bf16-mixed", "deepspeed.zero_stage": stage, "train.max_steps": 20,
         "train.compile": True, "train.channels_last": True, "train.attention_kernel": "math",
         "train.adamw_kernel": "foreach"})
-    run_train(2, job)
+    run_train(world, job)
     logs = metrics(tmp_path / "run")
     assert [r["step"] for r in logs] == [5, 10, 15, 20]
     assert logs[-1]["mse"] < 0.7 * logs[0]["mse"], logs
@@ -177,7 +179,7 @@ def test_service_trains_with_every_lever(tmp_path, digits_shards, stage, inducto
     assert set(weights) == set(build_model(load_job(job).model).state_dict())  # no compile prefix
     assert all(v.dtype == torch.float32 for v in weights.values())
     kernels = [p for p in inductor_cache.rglob("*") if p.suffix in (".py", ".cpp", ".so")]
-    assert kernels, "train.compile=true compiled nothing"
+    assert kernels, "train.compile=true compiled nothing"  # written by the cold run
 
 
 # --- sampling and evaluation precision ----------------------------------------------------
