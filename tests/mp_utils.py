@@ -53,7 +53,10 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {low}-{low + PORT_BLOCK - 1}")
 
 
-PRELOAD = ["torch", "torch.distributed", "deepspeed", "iddpm_ds.train.trainer", "mp_utils"]
+# what a rank imports before its first step: DeepSpeed's engine init alone pulls in
+# torch._dynamo (torch's optimizers) and inductor (DeepSpeed's Muon check), ~3 CPU-s
+PRELOAD = ["torch", "torch.distributed", "deepspeed", "iddpm_ds.train.trainer", "mp_utils",
+           "torch._dynamo", "torch._inductor.compile_fx", "deepspeed.runtime.zero.muon.muon_optimizer"]
 mp.set_forkserver_preload(PRELOAD)
 
 
