@@ -181,7 +181,7 @@ def test_usr1_to_every_process_of_the_step_checkpoints(slurm_cluster, tmp_path, 
     assert latest_tag(run_dir) == f"step{stopped:07d}"
 
 
-def test_scancel_stops_the_job_after_a_checkpoint_and_never_requeues_it(slurm_cluster, tmp_path, digits_shards):
+def test_scancel_stops_the_job_and_never_requeues_it(slurm_cluster, tmp_path, digits_shards):
     """A plain `scancel JOBID` (SIGTERM to the batch shell and to every process of the step)
     means stop: train.sbatch does not requeue the job (it used to: a forwarded SIGTERM that
     ended in 75 looked like a preemption, and the cancelled job came back by itself)."""
