@@ -5,7 +5,7 @@ Real processes, real collectives: multi-rank behaviour is tested, never mocked.
 through a temp file so tests can compare what every rank saw.
 
 The ranks are forked by a fork server that imported torch, DeepSpeed and the trainer once
-per pytest worker: a freshly spawned rank spends about 3 CPU-seconds on those imports
+per pytest worker: a freshly spawned rank spends about 6 CPU-seconds on those imports
 before its first line, which over the suite's multi-rank tests is minutes of CI's two
 cores. The server is a single-threaded process of its own (never a fork of the pytest
 worker and its threads); each rank takes the caller's environment of the moment (the
