@@ -86,7 +86,7 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt
 JobCompLoc={state}/log/jobcomp.txt
 MailProg={true}
-KillWait=5
+{kill_wait}
 MinJobAge=600
 {node_timeouts}
 InactiveLimit=0
@@ -179,13 +179,18 @@ class SlurmCluster:
         if self.head is None:  # free ports: a Slurm of the machine's own may be running
             ctld, ports, per_node = (NODE, "127.0.0.1"), (_free_port(), _free_port()), ""
             timeouts = ""  # Slurm's defaults: the one node never dies on purpose
+            # Slurm's default grace between a cancel's SIGTERM and its SIGKILL, as on a real
+            # cluster: the ranks of a cancelled job checkpoint within it (test_slurm)
+            kill_wait = "KillWait=30"
         else:  # own network namespaces: Slurm's default ports are free there
             ctld, ports, per_node = (self.head.name, self.head.addr), (6817, 6818), "-%n"
             timeouts = DEAD_NODE_TIMEOUTS
+            # the ranks left by a dead node hang in a collective until SIGKILL: end them soon
+            kill_wait = "KillWait=5"
         nodes = "\n".join(NODE_LINE.format(name=n, addr=a, cpus=CPUS) for n, a in self.nodes)
         return SLURM_CONF.format(
             ctld_host=ctld[0], ctld_addr=ctld[1], ctld_port=ports[0], slurmd_port=ports[1],
-            per_node=per_node, node_timeouts=timeouts, nodes=nodes, node_names=",".join(n for n, _ in self.nodes),
+            per_node=per_node, node_timeouts=timeouts, kill_wait=kill_wait, nodes=nodes, node_names=",".join(n for n, _ in self.nodes),
             state=self.state, munge_socket=self.munge_socket, true=shutil.which("true") or "/bin/true")
 
     def _wrap(self, cmd: list[str], host: "Host | None" = None) -> list[str]:

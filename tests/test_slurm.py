@@ -181,11 +181,15 @@ def test_usr1_to_every_process_of_the_step_checkpoints(slurm_cluster, tmp_path, 
     assert latest_tag(run_dir) == f"step{stopped:07d}"
 
 
-def test_scancel_stops_the_job_and_never_requeues_it(slurm_cluster, tmp_path, digits_shards):
-    """A plain `scancel JOBID` (SIGTERM to the batch shell and to every process of the step)
-    means stop: train.sbatch does not requeue the job (it used to: a forwarded SIGTERM that
-    ended in 75 looked like a preemption, and the cancelled job came back by itself)."""
-    job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": 1_000_000, "train.log_interval": 1})
+def test_scancel_checkpoints_and_stops_without_a_requeue(slurm_cluster, tmp_path, digits_shards):
+    """A plain `scancel JOBID` sends SIGTERM to the batch shell and to every process of the
+    step, loader workers included, then SIGKILL KillWait (here Slurm's default, 30 s) later.
+    Within that grace the ranks agree on a step, save it and exit 75: their loader workers
+    no longer die of the SIGTERM and crash them (iddpm_ds/data/worker_signals.py). And a
+    cancel means stop: train.sbatch does not requeue (it used to: the 75 looked like a
+    preemption, and the cancelled job came back by itself)."""
+    job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": 1_000_000, "train.log_interval": 1,
+                                               "data.num_workers": 2})
     run_dir, out = tmp_path / "run", tmp_path / "train.out"
     job_id = slurm_cluster.sbatch("--ntasks=2", "-o", str(out), str(SLURM / "train.sbatch"), str(job),
                                   cwd=tmp_path)
@@ -196,10 +200,10 @@ def test_scancel_stops_the_job_and_never_requeues_it(slurm_cluster, tmp_path, di
     info = slurm_cluster.job_info(job_id)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", tail(out)
     text = out.read_text()
+    assert "DataLoader worker" not in text, tail(out)
     assert "ended by SIGTERM" in text and "requeueing job" not in text, tail(out)
-    # what the ranks managed before Slurm's SIGTERM reached their loader workers is not
-    # asserted: a worker dies of SIGTERM (DataLoader stops workers with it), which ends its
-    # rank before a checkpoint (docs/cluster.md); the same command resumes from the last one
+    stopped = log_events(out, "preempted")[0]["step"]
+    assert stopped >= 3 and latest_tag(run_dir) == f"step{stopped:07d}", tail(out)
 
 
 def test_time_limit_warning_checkpoints_before_the_limit(slurm_cluster, tmp_path, digits_shards):

@@ -29,6 +29,7 @@ from .preprocess import to_model_range
 from .samples import (BatchFiller, CorruptSample, CorruptWindow, RawSample, decode_sample,
                       read_pieces)
 from .sources import ShardList, resolve
+from .worker_signals import shield_from_outside_sigterm
 
 PROBE_SAMPLES_PER_SHARD = 16
 PROBE_SHARDS = 64
@@ -249,6 +250,7 @@ class TrainStream:
                             prefetch_factor=spec.prefetch_factor if spec.num_workers else None,
                             pin_memory=placement.has_gpu(),
                             multiprocessing_context=WORKER_START if spec.num_workers else None,
+                            worker_init_fn=shield_from_outside_sigterm,
                             collate_fn=_as_is, generator=_private_generator(cfg.seed))
         self._loader_iter = iter(loader)
         for x, y, meta, _ in self._loader_iter:
@@ -442,6 +444,7 @@ class EvalStream:
                             prefetch_factor=spec.prefetch_factor if workers else None,
                             pin_memory=placement.has_gpu(), collate_fn=_as_is,
                             multiprocessing_context=WORKER_START if workers else None,
+                            worker_init_fn=shield_from_outside_sigterm,
                             generator=_private_generator(cfg.seed))
         for x, y, meta, valid in loader:
             self.corrupt_samples += sum(n for _, n in meta[2])

@@ -4,7 +4,8 @@ SIGUSR1 (Slurm's `--signal`) and SIGTERM (scancel, node drain) only set a flag; 
 all-reduces the flag every `check_interval` steps (a 1-element MAX all-reduce), so all
 ranks agree on the step at which to checkpoint and exit with PREEMPTED_EXIT, which the
 Slurm scripts requeue on. The flag travels on a CPU (gloo) side group: reading it never
-waits for the GPU stream, so the check adds no device sync to the step.
+waits for the GPU stream, so the check adds no device sync to the step. Slurm's SIGTERM
+reaches the loader workers too; they ignore it (data/worker_signals.py).
 """
 from __future__ import annotations
 
