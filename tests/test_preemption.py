@@ -94,7 +94,13 @@ def test_signal_on_one_rank_checkpoints_all_and_exits_75(tmp_path, digits_shards
     _wait_for(lambda: _logged_step(run_dir) >= 4, timeout=180)
     ranks = _wait_for(lambda: _ranks(proc), timeout=10)
     assert len(ranks) == 2
-    ranks[-1].send_signal(signum)  # one rank only: the others learn it at the next step
+    # one rank only: the others learn it at the next step. SIGTERM goes to its loader
+    # worker too, as Slurm (every process of the step) and torchrun's agent (the rank's
+    # process group, at a membership change) send it: the worker must not die of it
+    workers = ranks[-1].children() if signum == signal.SIGTERM else []
+    assert len(workers) == (1 if signum == signal.SIGTERM else 0)  # data.num_workers: 1
+    for target in [ranks[-1], *workers]:
+        target.send_signal(signum)
     code, out = _finish(proc)
     assert code == PREEMPTED_EXIT, out[-3000:]
     preempted = [json.loads(line[line.find("{"):]) for line in out.splitlines() if '"event": "preempted"' in line]
