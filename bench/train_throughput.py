@@ -112,10 +112,10 @@ def worker(args) -> None:
         "deepspeed.zero_stage": args.zero_stage, "train.schedule_sampler": sampler, **args.fields}))
     trainer._batches = iter(trainer.data)
 
-    def service() -> None:  # what Trainer.run does per step
+    def service() -> None:  # what Trainer.run does per step (its log_interval never comes)
         trainer.train_step()
+        trainer.preempt.should_stop(trainer.step, now=trainer._grid_or_eval_due())
         trainer._after_step()
-        trainer.preempt.should_stop(trainer.step)
     loops = {"bare": bare_step(trainer.job, device, world), "service": (service, trainer)}
     steps = {name: step for name, (step, _) in loops.items()}
     warm = {name: per_step(step, WARMUP, device) * WARMUP for name, step in steps.items()}

@@ -116,6 +116,33 @@ def test_signal_on_one_rank_checkpoints_all_and_exits_75(tmp_path, digits_shards
 
 
 @pytest.mark.slow
+def test_a_pending_stop_checkpoints_before_a_sample_grid(tmp_path, digits_shards):
+    """A preemption's notice (Slurm's --signal lead time, KillWait after a scancel) is for
+    the checkpoint; a sample grid or an eval, minutes on a paper model, waits for the next
+    start. With the cross-rank check only every 1000 steps, a signalled run still stops at
+    the first grid step, before drawing that grid."""
+    job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": 300, "train.log_interval": 1,
+                                               "train.sample_interval": 5, "train.save_interval": 1000,
+                                               "train.preempt_check_interval": 1000})
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(train_cmd(1, "--job", str(job), launcher="python"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT, start_new_session=True)
+    try:
+        _wait_for(lambda: _logged_step(run_dir) >= 7, timeout=180)  # a grid at 5 is drawn
+        signalled_after = _logged_step(run_dir)
+        proc.send_signal(signal.SIGUSR1)
+    finally:
+        code, out = _finish(proc)
+    assert code == PREEMPTED_EXIT, out[-3000:]
+    step = [json.loads(line[line.find("{"):]) for line in out.splitlines() if '"event": "preempted"' in line][0]["step"]
+    grids = sorted(int(p.stem.rsplit("_", 1)[1]) for p in (run_dir / "samples").glob("ema_*.png"))
+    assert step % 5 == 0 and signalled_after <= step < 300, (signalled_after, step)
+    assert grids == list(range(5, step, 5)), (grids, step)  # every grid before the stop, not its own
+    assert (run_dir / "checkpoints" / "latest").read_text() == ckpt.tag_for(step)
+
+
+@pytest.mark.slow
 def test_sigkill_mid_save_never_leaves_latest_on_a_partial_checkpoint(tmp_path, digits_shards, start):
     job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": 500, "train.save_interval": 1,
                                                "output.keep_checkpoints": 3})

@@ -40,8 +40,10 @@ class PreemptionWatch:
             output.log("signal_received", signal=signal.Signals(signum).name)
         self.received = signum
 
-    def should_stop(self, step: int) -> bool:
-        if step % self.check_interval:
+    def should_stop(self, step: int, now: bool = False) -> bool:
+        """Collective at every `check_interval`-th step, and wherever `now` (the same on every
+        rank: a step followed by a grid or an eval, so a pending stop skips them)."""
+        if step % self.check_interval and not now:
             return False
         flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)  # CPU
         if env.world_size() > 1:

@@ -118,11 +118,15 @@ class Trainer:
         try:
             while total is None or self.step < total:
                 self.train_step()
-                self._after_step()
-                if self.preempt.should_stop(self.step):
+                if self.step % self.job.train.log_interval == 0:
+                    self.log_metrics()
+                # before a grid or an eval, which can take minutes: a preemption's notice
+                # (Slurm's --signal lead time, KillWait after scancel) is for the checkpoint
+                if self.preempt.should_stop(self.step, now=self._grid_or_eval_due()):
                     output.log0("preempted", step=self.step)
                     self.checkpoints.save(self.step, last=True)
                     return PREEMPTED_EXIT
+                self._after_step()
             self.checkpoints.save(self.step, last=True)
             output.log0("train_done", step=self.step)
             return 0
@@ -169,12 +173,14 @@ class Trainer:
         model_kwargs = {k: v.to(self.device, non_blocking=True) for k, v in cond.items()}
         return x_start, with_low_res(self.job.model, x_start, model_kwargs)  # SR: + low_res
 
+    def _grid_or_eval_due(self) -> bool:
+        train = self.job.train
+        return any(every and self.step % every == 0 for every in (train.sample_interval, train.eval_interval))
+
     def _after_step(self) -> None:
         train, step = self.job.train, self.step
-        if step % train.log_interval == 0:
-            self.log_metrics()
         start = time.perf_counter()  # grids, evals and saves do not count as step time
-        if any(every and step % every == 0 for every in (train.sample_interval, train.eval_interval)):
+        if self._grid_or_eval_due():
             self.sample_grid()
         if train.eval_interval and step % train.eval_interval == 0:
             self.evaluate()
