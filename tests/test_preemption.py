@@ -118,9 +118,9 @@ def test_signal_on_one_rank_checkpoints_all_and_exits_75(tmp_path, digits_shards
 @pytest.mark.slow
 def test_a_pending_stop_checkpoints_before_a_sample_grid(tmp_path, digits_shards):
     """A preemption's notice (Slurm's --signal lead time, KillWait after a scancel) is for
-    the checkpoint; a sample grid or an eval, minutes on a paper model, waits for the next
-    start. With the cross-rank check only every 1000 steps, a signalled run still stops at
-    the first grid step, before drawing that grid."""
+    the checkpoint, not for a sample grid or an eval (minutes on a paper model; the skipped
+    one is not redone, the next comes at its interval). With the cross-rank check only every
+    1000 steps, a signalled run still stops at the first grid step, before drawing it."""
     job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": 300, "train.log_interval": 1,
                                                "train.sample_interval": 5, "train.save_interval": 1000,
                                                "train.preempt_check_interval": 1000})
