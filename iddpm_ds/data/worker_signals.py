@@ -11,9 +11,9 @@ sender. From the rank (torch's terminate() of a worker that did not stop at shut
 worker exits with 0 at once, as torch's handler does; from anyone else it is ignored, and
 the worker serves batches until its rank closes the loader, or dies (torch's watchdog in
 the worker notices a dead parent). Where sigwaitinfo is missing (not Linux), torch's
-handling stays. A `pipe:` shard command that a worker starts inherits the blocked SIGTERM
-(a signal mask survives fork and exec): it ends when its worker closes the pipe, or at
-SIGKILL, not at a SIGTERM of its own.
+handling stays. A `pipe:` shard command that a worker starts does not inherit the blocked
+SIGTERM (Python's subprocess starts children with an empty mask; measured), so Slurm's
+SIGTERM still ends it: its shard then reads as truncated (samples counted missing).
 """
 from __future__ import annotations
 
