@@ -13,7 +13,8 @@ the worker serves batches until its rank closes the loader, or dies (torch's wat
 the worker notices a dead parent). Where sigwaitinfo is missing (not Linux), torch's
 handling stays. A `pipe:` shard command that a worker starts does not inherit the blocked
 SIGTERM (Python's subprocess starts children with an empty mask; measured), so Slurm's
-SIGTERM still ends it: its shard then reads as truncated (samples counted missing).
+SIGTERM still ends such a command, as it did before (what its worker then reads is a
+shortened stream; not tested).
 """
 from __future__ import annotations
 
