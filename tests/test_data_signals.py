@@ -7,9 +7,11 @@ middle of the step, so the rank crashed before it could reach the agreed stop an
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -77,3 +79,33 @@ def test_a_sigterm_from_the_rank_still_ends_a_worker_at_once(tmp_path: Path) -> 
     assert worker.wait(timeout=1) == 0, "exit 0, as torch's handler: the rank must not take it for a crash"
     stream.close()
     assert took < 5
+
+
+def test_a_pipe_command_outlives_a_sigterm_from_outside(tmp_path: Path) -> None:
+    """`pipe:` (and s3://, which runs `aws s3 cp`) shards: Slurm's SIGTERM reaches the shard
+    command too. Killed, its shard read as damaged and its samples were replaced and lost to
+    the epoch; it now ends when its reader closes the pipe, like the workers."""
+    shard = id_shards(tmp_path, [12])[0]
+    entry = {"url": f"pipe:sleep 2; cat {shard}", "samples": 12}
+    index = {"format": "iddpm_ds-shards-v1", "splits": {"train": {"samples": 12, "shards": [entry]}}}
+    (tmp_path / "remote.json").write_text(json.dumps(index))
+    spec = DataSpec(shards=str(tmp_path / "remote.json"), allow_pipe=True, num_workers=1, shuffle_buffer=0)
+    stream = build_train_stream(spec, image_size=8, class_cond=True, batch_size=3, rank=0,
+                                world_size=1, seed=0)
+    batches = iter(stream)
+    before = time.monotonic()
+    signalled: list[int] = []
+
+    def sigterm_the_step() -> None:  # every process below this one ("the rank"), as Slurm does
+        time.sleep(1)  # the command is sleeping
+        signalled.extend(p.pid for p in psutil.Process().children(recursive=True))
+        subprocess.run(["kill", "-TERM", *map(str, signalled)], check=False)
+
+    killer = threading.Thread(target=sigterm_the_step)
+    killer.start()
+    labels = [int(v) for _, (_, c) in zip(range(4), batches) for v in c["y"]]
+    killer.join()
+    assert len(signalled) >= 3  # the worker, the shell, sleep
+    assert time.monotonic() - before >= 2  # the batches came after the signal
+    assert sorted(labels) == list(range(12)) and stream.stats()["corrupt_samples"] == 0
+    stream.close()

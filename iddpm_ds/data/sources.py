@@ -93,7 +93,11 @@ def open_url(url: str, http: HttpOptions = HttpOptions()) -> tuple[BinaryIO, boo
     if url.startswith("pipe:"):
         from webdataset.gopen import gopen  # runs the command; checks its exit status on close
 
-        return gopen(url, "rb"), False
+        # Slurm's SIGTERM reaches every process of the step: a killed command would turn the
+        # rest of its shard into replaced samples. Like the workers (worker_signals.py), the
+        # command ends when its reader closes the pipe (SIGPIPE), or at SIGKILL. An ignored
+        # signal stays ignored across exec, so the whole command inherits it.
+        return gopen(f"pipe:trap '' TERM; {url[5:]}", "rb"), False
     return open(url, "rb", buffering=_READ_BUFFER), True
 
 

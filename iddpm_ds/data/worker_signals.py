@@ -11,10 +11,9 @@ sender. From the rank (torch's terminate() of a worker that did not stop at shut
 worker exits with 0 at once, as torch's handler does; from anyone else it is ignored, and
 the worker serves batches until its rank closes the loader, or dies (torch's watchdog in
 the worker notices a dead parent). Where sigwaitinfo is missing (not Linux), torch's
-handling stays. A `pipe:` shard command that a worker starts does not inherit the blocked
-SIGTERM (Python's subprocess starts children with an empty mask; measured), so Slurm's
-SIGTERM still ends such a command, as it did before (what its worker then reads is a
-shortened stream; not tested).
+handling stays. A `pipe:` shard command does not inherit the blocked SIGTERM (Python's
+subprocess starts children with an empty mask; measured); sources.open_url makes it ignore
+SIGTERM instead.
 """
 from __future__ import annotations
 
