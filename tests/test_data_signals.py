@@ -86,7 +86,7 @@ def test_a_pipe_command_outlives_a_sigterm_from_outside(tmp_path: Path) -> None:
     command too. Killed, its shard read as damaged and its samples were replaced and lost to
     the epoch; it now ends when its reader closes the pipe, like the workers."""
     shard = id_shards(tmp_path, [12])[0]
-    entry = {"url": f"pipe:sleep 2; cat {shard}", "samples": 12}
+    entry = {"url": f"pipe:sleep 3; cat {shard}", "samples": 12}
     index = {"format": "iddpm_ds-shards-v1", "splits": {"train": {"samples": 12, "shards": [entry]}}}
     (tmp_path / "remote.json").write_text(json.dumps(index))
     spec = DataSpec(shards=str(tmp_path / "remote.json"), allow_pipe=True, num_workers=1, shuffle_buffer=0)
@@ -97,7 +97,9 @@ def test_a_pipe_command_outlives_a_sigterm_from_outside(tmp_path: Path) -> None:
     signalled: list[int] = []
 
     def sigterm_the_step() -> None:  # every process below this one ("the rank"), as Slurm does
-        time.sleep(1)  # the command is sleeping
+        while not any(p.name() == "sleep" for p in psutil.Process().children(recursive=True)):
+            assert time.monotonic() - before < 60
+            time.sleep(0.02)
         signalled.extend(p.pid for p in psutil.Process().children(recursive=True))
         subprocess.run(["kill", "-TERM", *map(str, signalled)], check=False)
 
@@ -106,6 +108,6 @@ def test_a_pipe_command_outlives_a_sigterm_from_outside(tmp_path: Path) -> None:
     labels = [int(v) for _, (_, c) in zip(range(4), batches) for v in c["y"]]
     killer.join()
     assert len(signalled) >= 3  # the worker, the shell, sleep
-    assert time.monotonic() - before >= 2  # the batches came after the signal
+    assert time.monotonic() - before >= 3  # the batches came after the signal
     assert sorted(labels) == list(range(12)) and stream.stats()["corrupt_samples"] == 0
     stream.close()
