@@ -196,6 +196,39 @@ def test_resume_choice_skips_incomplete_checkpoints(tmp_path):
     assert ckpt.find_resume_tag(tmp_path)[0] == ckpt.tag_for(20)
 
 
+def test_resume_choice_passes_a_damaged_checkpoint_to_the_newest_intact_one(tmp_path):
+    """A complete checkpoint that later lost or cut a file (a copy, a filesystem fault) would
+    crash every restart, and a requeued job would loop on it; resume takes the newest intact
+    one, and refuses (naming each) when none is left."""
+    for step in (10, 20):
+        tag_dir = tmp_path / ckpt.tag_for(step)
+        tag_dir.mkdir()
+        (tag_dir / "trainer_state.pt").write_bytes(b"s" * 100)
+        (tag_dir / "model").mkdir()
+        (tag_dir / "model" / "shard0.pt").write_bytes(b"m" * 50)
+        ckpt.mark_complete(tmp_path, ckpt.tag_for(step), {"step": step}, keep=5)
+    assert ckpt.find_resume_tag(tmp_path) == (ckpt.tag_for(20), f"resuming from {ckpt.tag_for(20)} (latest)")
+    (tmp_path / ckpt.tag_for(20) / "trainer_state.pt").write_bytes(b"s" * 99)  # cut short
+    tag, why = ckpt.find_resume_tag(tmp_path)
+    assert tag == ckpt.tag_for(10), why
+    assert "trainer_state.pt is 99 bytes, the save wrote 100" in why and ckpt.tag_for(20) in why
+    (tmp_path / ckpt.tag_for(10) / "model" / "shard0.pt").unlink()
+    with pytest.raises(ckpt.DamagedCheckpoints, match="model/shard0.pt is missing"):
+        ckpt.find_resume_tag(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_truncated_latest_checkpoint_resumes_from_the_one_before(tmp_path, digits_shards):
+    job = tiny_job(tmp_path, digits_shards, **{"train.max_steps": 6, "train.save_interval": 3})
+    run_train(1, job, launcher="python")
+    state = tmp_path / "run" / "checkpoints" / ckpt.tag_for(6) / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # what a torn copy leaves
+    again = run_train(1, job, "train.max_steps=8", launcher="python")
+    assert events(again, "resumed")[0]["step"] == 3
+    assert "is damaged: trainer_state.pt is 1000 bytes" in events(again, "resume_check")[0]["decision"]
+    assert events(again, "train_done")[0]["step"] == 8
+
+
 def test_mark_complete_prunes_old_and_debris(tmp_path):
     for step in (1, 2, 3):
         _touch_tag(tmp_path, step, True)

@@ -405,4 +405,5 @@ def test_default_ema_rate_is_the_jobs_first_in_a_trainer_layout(tmp_path: Path) 
     state_path = run_dir / "checkpoints" / ckpt.tag_for(10) / "trainer_state.pt"
     state = torch.load(state_path, weights_only=True)
     torch.save({"meta": {"spec": state["spec"]}}, state_path)
+    ckpt.mark_complete(state_path.parents[1], ckpt.tag_for(10), {"step": 10}, keep=10)  # its new size
     assert load_weights(WeightsChoice(run_dir=run_dir)).weights == "ema_0.9999"

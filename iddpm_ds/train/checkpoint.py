@@ -8,7 +8,8 @@
         ema_0.9999_000100.pt             EMA weights per rate, reference file names
         trainer_state.pt                 REPLICATED states by name + meta (spec, world size), rank 0
         rank00000.pt ...                 PER_RANK states by name (data position, RNG streams)
-        complete.json                    written after every rank finished: the completion mark
+        complete.json                    written after every rank finished: the completion mark,
+                                         with each file's size (resume checks them)
 
 What goes into these files is the state registry's business (registry.py); this module
 only knows the layout. Every file of ours is a dict of tensors and plain types, loaded
@@ -124,25 +125,61 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     return sorted((t for t in tags if is_complete(ckpt_dir / t)), key=step_of)
 
 
+class DamagedCheckpoints(RuntimeError):
+    """Every complete checkpoint of the run dir lost or truncated a file after its save."""
+
+
+def damage(tag_dir: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files against the sizes its completion
+    mark recorded (a file lost or cut short after the save: a copy, a filesystem fault), or
+    None. Marks written before the sizes were recorded are trusted."""
+    try:
+        files = json.loads((tag_dir / COMPLETE).read_text()).get("files", {})
+    except (OSError, ValueError) as err:
+        return f"{COMPLETE} unreadable ({err})"
+    for name, size in files.items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, the save wrote {size}"
+    return None
+
+
 def find_resume_tag(ckpt_dir: Path) -> tuple[str | None, str]:
-    """(tag to resume from or None, a sentence saying why) — never an incomplete checkpoint."""
+    """(tag to resume from or None, a sentence saying why): never an incomplete checkpoint,
+    and past a damaged one to the newest intact one; DamagedCheckpoints if all are damaged."""
     complete = complete_tags(ckpt_dir)
     latest_file = ckpt_dir / "latest"
     pointed = latest_file.read_text().strip() if latest_file.is_file() else None
-    if pointed and pointed in complete:
-        return pointed, f"resuming from {pointed} (latest)"
-    if complete:
-        why = (f"latest points to {pointed!r}, which is incomplete" if pointed
-               else "no latest file")
-        return complete[-1], f"{why}; resuming from the newest complete checkpoint {complete[-1]}"
-    if pointed:
-        return None, f"latest points to {pointed!r}, which is incomplete, and no complete checkpoint exists: starting fresh"
-    return None, "no checkpoint: starting fresh"
+    if not complete:
+        if pointed:
+            return None, f"latest points to {pointed!r}, which is incomplete, and no complete checkpoint exists: starting fresh"
+        return None, "no checkpoint: starting fresh"
+    if pointed in complete:
+        why = ""
+        complete.remove(pointed)
+        complete.append(pointed)  # tried first
+    else:
+        why = (f"latest points to {pointed!r}, which is incomplete; " if pointed else "no latest file; ")
+    skipped = []
+    for tag in reversed(complete):
+        found = damage(ckpt_dir / tag)
+        if found is None:
+            kind = ("latest" if tag == pointed else "the newest intact checkpoint" if skipped
+                    else "the newest complete checkpoint")
+            return tag, why + "".join(skipped) + f"resuming from {tag} ({kind})"
+        skipped.append(f"{tag} is damaged: {found}; ")
+    raise DamagedCheckpoints(f"every checkpoint in {ckpt_dir} is damaged: " + "".join(skipped)
+                             + "move them aside to start fresh")
 
 
 def mark_complete(ckpt_dir: Path, tag: str, meta: dict[str, Any], keep: int) -> None:
-    """Rank 0, after a barrier: mark the tag complete, point latest at it, prune old ones."""
-    atomic_write_bytes(ckpt_dir / tag / COMPLETE, json.dumps(meta, indent=1).encode())
+    """Rank 0, after a barrier: mark the tag complete (with every file's size, which resume
+    checks), point latest at it, prune old ones."""
+    files = {str(p.relative_to(ckpt_dir / tag)): p.stat().st_size
+             for p in sorted((ckpt_dir / tag).rglob("*")) if p.is_file() and p.name != COMPLETE}
+    atomic_write_bytes(ckpt_dir / tag / COMPLETE, json.dumps({**meta, "files": files}, indent=1).encode())
     atomic_write_bytes(ckpt_dir / "latest", tag.encode())
     for old in complete_tags(ckpt_dir)[:-keep]:
         shutil.rmtree(ckpt_dir / old, ignore_errors=True)

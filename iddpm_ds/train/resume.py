@@ -73,11 +73,20 @@ def _load(entry: Entry, state: Any, tag: str) -> None:
 
 
 def _choose_tag(ckpt_dir: Path) -> tuple[str | None, str]:
-    # rank 0 decides so that all ranks load the same tag even on a flaky shared FS
-    choice = [ckpt.find_resume_tag(ckpt_dir) if env.is_main() else None]
+    # rank 0 decides so that all ranks load the same tag even on a flaky shared FS, and
+    # its refusal reaches every rank (a raise on rank 0 alone would hang the others here)
+    choice: list[Any] = [None]
+    if env.is_main():
+        try:
+            choice = [(*ckpt.find_resume_tag(ckpt_dir), None)]
+        except ckpt.DamagedCheckpoints as err:
+            choice = [(None, "", str(err))]
     if env.world_size() > 1:
         torch_dist.broadcast_object_list(choice, src=0)
-    return choice[0]
+    tag, why, refused = choice[0]
+    if refused:
+        raise ResumeError(refused)
+    return tag, why
 
 
 def spec_diff(old: Any, new: Any, path: str = "") -> dict[str, tuple[Any, Any]]:
