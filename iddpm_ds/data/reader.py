@@ -70,6 +70,17 @@ def _private_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _loader(dataset: IterableDataset, workers: int, prefetch_factor: int, seed: int) -> DataLoader:
+    """The one way both streams start their workers: forked (WORKER_START), shielded from
+    an outside SIGTERM (worker_signals.py), whole batches as the workers made them."""
+    return DataLoader(dataset, batch_size=None, num_workers=workers,
+                      prefetch_factor=prefetch_factor if workers else None,
+                      pin_memory=placement.has_gpu(), collate_fn=_as_is,
+                      multiprocessing_context=WORKER_START if workers else None,
+                      worker_init_fn=shield_from_outside_sigterm,
+                      generator=_private_generator(seed))
+
+
 def _worker_id() -> int:
     info = get_worker_info()
     return info.id if info is not None else 0
@@ -246,12 +257,7 @@ class TrainStream:
         cfg, spec = self._cfg, self._spec
         start = _Start(self._epoch, self._pool, len(self._history), self._offset, self._done)
         dataset = _TrainDataset(cfg, start)
-        loader = DataLoader(dataset, batch_size=None, num_workers=spec.num_workers,
-                            prefetch_factor=spec.prefetch_factor if spec.num_workers else None,
-                            pin_memory=placement.has_gpu(),
-                            multiprocessing_context=WORKER_START if spec.num_workers else None,
-                            worker_init_fn=shield_from_outside_sigterm,
-                            collate_fn=_as_is, generator=_private_generator(cfg.seed))
+        loader = _loader(dataset, spec.num_workers, spec.prefetch_factor, cfg.seed)
         self._loader_iter = iter(loader)
         for x, y, meta, _ in self._loader_iter:
             self._advance(meta, x.shape[0])
@@ -439,13 +445,8 @@ class EvalStream:
         spec = self._spec
         workers = min(self._cfg.workers, self.batches) if spec.num_workers else 0
         cfg = _Config(**{**self._cfg.__dict__, "workers": max(1, workers)})
-        loader = DataLoader(_EvalDataset(cfg, self._start, self._stop), batch_size=None,
-                            num_workers=workers,
-                            prefetch_factor=spec.prefetch_factor if workers else None,
-                            pin_memory=placement.has_gpu(), collate_fn=_as_is,
-                            multiprocessing_context=WORKER_START if workers else None,
-                            worker_init_fn=shield_from_outside_sigterm,
-                            generator=_private_generator(cfg.seed))
+        loader = _loader(_EvalDataset(cfg, self._start, self._stop), workers, spec.prefetch_factor,
+                         cfg.seed)
         for x, y, meta, valid in loader:
             self.corrupt_samples += sum(n for _, n in meta[2])
             yield x, self._cond(y), torch.from_numpy(valid)

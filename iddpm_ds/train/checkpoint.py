@@ -141,8 +141,8 @@ def damage(tag_dir: Path) -> str | None:
         path = tag_dir / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} is {path.stat().st_size} bytes, the save wrote {size}"
+        if (found := path.stat().st_size) != size:
+            return f"{name} is {found} bytes, the save wrote {size}"
     return None
 
 
@@ -156,14 +156,11 @@ def find_resume_tag(ckpt_dir: Path) -> tuple[str | None, str]:
         if pointed:
             return None, f"latest points to {pointed!r}, which is incomplete, and no complete checkpoint exists: starting fresh"
         return None, "no checkpoint: starting fresh"
-    if pointed in complete:
-        why = ""
-        complete.remove(pointed)
-        complete.append(pointed)  # tried first
-    else:
-        why = (f"latest points to {pointed!r}, which is incomplete; " if pointed else "no latest file; ")
+    why = ("" if pointed in complete else f"latest points to {pointed!r}, which is incomplete; "
+           if pointed else "no latest file; ")
+    newest_first = sorted(complete, key=lambda t: (t == pointed, step_of(t)), reverse=True)
     skipped = []
-    for tag in reversed(complete):
+    for tag in newest_first:  # latest first, if complete
         found = damage(ckpt_dir / tag)
         if found is None:
             kind = ("latest" if tag == pointed else "the newest intact checkpoint" if skipped
