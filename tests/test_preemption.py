@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from iddpm_ds.train import checkpoint as ckpt
+from mp_utils import run_ranks
 from train_utils import ROOT, events, run_train, tiny_job, train_cmd
 
 PREEMPTED_EXIT = 75
@@ -215,6 +216,31 @@ def test_resume_choice_passes_a_damaged_checkpoint_to_the_newest_intact_one(tmp_
     (tmp_path / ckpt.tag_for(10) / "model" / "shard0.pt").unlink()
     with pytest.raises(ckpt.DamagedCheckpoints, match="model/shard0.pt is missing"):
         ckpt.find_resume_tag(tmp_path)
+
+
+def _choose_on_every_rank(rank: int, world_size: int, ckpt_dir: str):
+    from iddpm_ds.train import resume
+
+    signal.alarm(60)  # a rank left waiting for rank 0's broadcast fails the test, not CI
+    try:
+        return resume._choose_tag(Path(ckpt_dir))
+    except resume.ResumeError as err:
+        return f"ResumeError: {err}"
+
+
+def test_every_rank_gets_rank_0s_choice_and_its_refusal(tmp_path):
+    """Rank 0 alone reads the run dir; its refusal (every checkpoint damaged) must reach the
+    other ranks too, which would otherwise wait for its broadcast: real ranks over gloo."""
+    tag_dir = tmp_path / ckpt.tag_for(10)
+    tag_dir.mkdir()
+    (tag_dir / "trainer_state.pt").write_bytes(b"s" * 10)
+    ckpt.mark_complete(tmp_path, ckpt.tag_for(10), {"step": 10}, keep=5)
+    chosen = (ckpt.tag_for(10), f"resuming from {ckpt.tag_for(10)} (latest)")
+    assert [tuple(c) for c in run_ranks(_choose_on_every_rank, 2, str(tmp_path))] == [chosen, chosen]
+    (tag_dir / "trainer_state.pt").unlink()
+    got = run_ranks(_choose_on_every_rank, 2, str(tmp_path))
+    assert all(g.startswith("ResumeError: every checkpoint") and "trainer_state.pt is missing" in g
+               for g in got), got
 
 
 @pytest.mark.slow
