@@ -287,20 +287,24 @@ def test_preemption_signal_on_the_second_host_stops_every_rank_at_one_step(hosts
     assert run.steps_logged() == list(range(1, stopped + 3))
 
 
-def failure_run(hosts: Hosts, tmp_path: Path, shards: list[str], timeout_s: int) -> tuple[Run, subprocess.Popen]:
-    """A 2 x 2 run saving every 2 steps, with the job's collective timeout `timeout_s`,
-    once it has a complete checkpoint (step 3 logged)."""
-    run = Run(hosts, tmp_path, shards, **{"train.max_steps": RESTART_STEPS, "train.save_interval": 2,
+def failure_run(hosts: Hosts, tmp_path: Path, shards: list[str], timeout_s: int, save_interval: int = 2,
+                fail_at: int = 3) -> tuple[Run, subprocess.Popen]:
+    """A 2 x 2 run saving every `save_interval` steps, with the job's collective timeout
+    `timeout_s`, once it has a complete checkpoint (step `fail_at` logged)."""
+    run = Run(hosts, tmp_path, shards, **{"train.max_steps": restart_steps(save_interval),
+                                          "train.save_interval": save_interval,
                                           "distributed.collective_timeout_s": timeout_s})
     proc = run.launch({0: 2, 1: 2})
-    run.wait_for_step(proc, 3)
+    run.wait_for_step(proc, fail_at)
     return run, proc
 
 
-RESTART_STEPS = 16  # far enough that the failure (right after step 3) lands mid-run; the restart trains to it
+def restart_steps(save_interval: int) -> int:
+    """Far enough that the failure lands mid-run; the restart trains to it."""
+    return max(16, 2 * save_interval + 4)
 
 
-def check_restart_resumes(run: Run) -> None:
+def check_restart_resumes(run: Run, save_interval: int = 2) -> None:
     """The same command again: it resumes from the newest complete checkpoint, finishes."""
     latest = run.latest()
     assert (run.run_dir / "checkpoints" / latest / "complete.json").is_file()
@@ -308,8 +312,8 @@ def check_restart_resumes(run: Run) -> None:
     print(f"restart after the failure: {wall:.1f} s")
     assert code == 0, out[-6000:]
     assert [r["tag"] for r in events(out, "resumed")] == [latest]
-    assert events(out, "train_done")[0]["step"] == RESTART_STEPS
-    assert run.latest() == f"step{RESTART_STEPS:07d}"
+    assert events(out, "train_done")[0]["step"] == restart_steps(save_interval)
+    assert run.latest() == f"step{restart_steps(save_interval):07d}"
 
 
 def test_a_host_that_dies_ends_the_run_and_the_same_command_resumes(hosts, tmp_path, id_data):
@@ -329,8 +333,14 @@ def test_a_host_that_dies_ends_the_run_and_the_same_command_resumes(hosts, tmp_p
 
 
 def test_a_network_partition_ends_the_run_within_the_collective_timeout(hosts, tmp_path, id_data):
-    timeout_s = 20
-    run, proc = failure_run(hosts, tmp_path, id_data, timeout_s=timeout_s)
+    """A partition while the ranks train. (One during a checkpoint save, a sample grid or a
+    conversion ends within distributed.long_wait_timeout_s instead, the bound on waiting for
+    rank 0's solo work there: docs/cluster.md.) Saves at 10 and 20 and the cut after step 11:
+    the ranks are training when it lands (the test sees step 11 within 0.25 s, and the next
+    save is 9 steps away)."""
+    timeout_s, save_interval = 20, 10
+    run, proc = failure_run(hosts, tmp_path, id_data, timeout_s=timeout_s, save_interval=save_interval,
+                            fail_at=save_interval + 1)
     hosts.link(hosts.hosts[1], up=False)  # no socket closes: only the timeout can end this
     cut = time.monotonic()
     try:
@@ -352,4 +362,5 @@ def test_a_network_partition_ends_the_run_within_the_collective_timeout(hosts, t
         assert not ranks_on(hosts, 1), "ranks behind the partition still running"
     finally:
         hosts.link(hosts.hosts[1], up=True)
-    check_restart_resumes(run)
+    assert run.latest() == f"step{save_interval:07d}", "the cut did not land between two saves"
+    check_restart_resumes(run, save_interval)
