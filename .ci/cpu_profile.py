@@ -5,10 +5,11 @@ by test (docs/development.md, "Where the CPU goes").
 
 For the run's length only, a .pth hook in .venv makes each Python process append, at exit,
 its own CPU seconds, argv and the test that started it (PYTEST_CURRENT_TEST, inherited by
-its subprocesses; ranks started over ssh or by slurmd have none) to one file. Processes that
-end by SIGKILL or os._exit (fork-server ranks, loader workers, xdist workers) are not
-counted, nor is anything not Python (g++ for inductor, sshd, slurmd): the /proc/stat line
-says how much that leaves.
+its subprocesses; ranks started over ssh or by slurmd have none) to one file. The
+namespace hosts and slurmd share this machine's file system and venv, so they record too.
+Processes that end by SIGKILL or os._exit (fork-server ranks, loader workers, xdist
+workers) are not counted, nor is anything not Python (g++ for inductor, sshd, slurmd): the
+/proc/stat line says how much that leaves.
 """
 from __future__ import annotations
 
@@ -20,17 +21,14 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HOOK = """import os, sys
-_log = os.environ.get("IDDPM_CPU_LOG") or (open({path!r}).read().strip() if os.path.exists({path!r}) else "")
-if _log:
-    import atexit, json
-    def _record():
-        t = os.times()
-        with open(_log, "a") as f:
-            f.write(json.dumps({{"argv": sys.argv[:4], "cpu": t.user + t.system,
-                "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
-                "engine": "torch._dynamo" in sys.modules}}) + "\\n")
-    atexit.register(_record)
+HOOK = """import os, sys, atexit, json
+def _record():
+    t = os.times()
+    with open({log!r}, "a") as f:
+        f.write(json.dumps({{"argv": sys.argv[:4], "cpu": t.user + t.system,
+            "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
+            "engine": "torch._dynamo" in sys.modules}}) + "\\n")
+atexit.register(_record)
 """
 
 
@@ -52,16 +50,15 @@ def main(pytest_args: list[str]) -> int:
     site = subprocess.run([venv_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     log = Path(tempfile.mkdtemp()) / "cpu.jsonl"
-    path_file, pth = ROOT / ".venv/cpu_profile.path", Path(site) / "_iddpm_cpu_profile.pth"
-    path_file.write_text(str(log))
-    (Path(site) / "_iddpm_cpu_profile.py").write_text(HOOK.format(path=str(path_file)))
+    hook, pth = Path(site) / "_iddpm_cpu_profile.py", Path(site) / "_iddpm_cpu_profile.pth"
+    hook.write_text(HOOK.format(log=str(log)))
     pth.write_text("import _iddpm_cpu_profile\n")
     before = busy_seconds()
     try:
         code = subprocess.run(["bash", ".ci/test.sh", *pytest_args], cwd=ROOT).returncode
-    finally:
-        for made in (pth, path_file, Path(site) / "_iddpm_cpu_profile.py"):
-            made.unlink()
+    finally:  # the hook lives only as long as this run
+        pth.unlink()
+        hook.unlink()
     busy, idle = (a - b for a, b in zip(busy_seconds(), before))
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     untested = "(no test: pytest itself, or started over ssh or by slurmd)"
